@@ -1,0 +1,316 @@
+"""Datasets, prompts and collation.
+
+One sample form for every source: a dict with
+    id, image (path), question, options (letter -> text), answer (letter),
+    modality, question_type.
+Sources: OmniMedVQA as distributed (`load_omnimedvqa`) and a synthetic
+generator that writes the same layout offline (`make_synthetic`).
+
+Shapes: B prompts, G samples per prompt, P prompt tokens.
+"""
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Med-R1's names for the 8 modalities -> OmniMedVQA's `modality_type` strings
+# (which are also the stems of Med-R1's split files, typos included).
+MODALITIES = {
+    "CT": "CT(Computed Tomography)",
+    "MRI": "MR (Mag-netic Resonance Imaging)",
+    "X-Ray": "X-Ray",
+    "Ultrasound": "ultrasound",
+    "Dermoscopy": "Dermoscopy",
+    "Fundus Photography": "Fundus Photography",
+    "OCT": "OCT (Optical Coherence Tomography",
+    "Microscopy": "Microscopy Images",
+}
+MODALITY_BY_TYPE = {raw: name for name, raw in MODALITIES.items()}
+QUESTION_TYPES = [
+    "Modality Recognition",
+    "Anatomy Identification",
+    "Disease Diagnosis",
+    "Lesion Grading",
+    "Other Biological Attributes",
+]
+LETTERS = "ABCD"
+
+# The user text after the image. think-before and no-think are Med-R1's
+# released training templates, verbatim; think-after is ours, in their style.
+PROMPTS = {
+    "think-after": "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
+    "<answer>...</answer> tags. 2. Then explain your reasoning briefly, enclosed in <think>...</think> tags. "
+    "3. No extra information or text outside of these tags.",
+    "think-before": "{problem} Your task: 1. Think through the question step by step, enclose your reasoning "
+    "process in <think>...</think> tags. 2. Then provide the correct single-letter choice (A, B, C, D,...) "
+    "inside <answer>...</answer> tags. 3. No extra information or text outside of these tags.",
+    "no-think": "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
+    "<answer>...</answer> tags. 2. No extra information or text outside of this tag.",
+}
+
+
+def problem_text(sample: dict) -> str:
+    """Med-R1's `problem` string: the question, a space, then `A)text, B)text, ...`."""
+    options = ", ".join(f"{letter}){text}" for letter, text in sample["options"].items())
+    return f"{sample['question']} {options}"
+
+
+def build_prompt(sample: dict, mode: str) -> str:
+    """The user text (after the image) for a prompt mode."""
+    return PROMPTS[mode].format(problem=problem_text(sample))
+
+
+# ---------------------------------------------------------------- loading
+
+
+class DataError(ValueError):
+    """A record or file that cannot be used; the message names it."""
+
+
+def record_to_sample(record: dict, source: str, root: Path) -> dict:
+    """One OmniMedVQA record -> one sample; raises DataError naming the file and record."""
+    where = f"{source}, record {record.get('question_id', '?')!r}"
+    missing = [k for k in ("question_id", "question", "gt_answer", "image_path", "modality_type") if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    options = {L: str(record[f"option_{L}"]) for L in LETTERS if record.get(f"option_{L}") not in (None, "")}
+    if len(options) < 2:
+        raise DataError(f"{where}: needs at least 2 options, has {len(options)}")
+    answers = [L for L, text in options.items() if text.strip() == str(record["gt_answer"]).strip()]
+    if len(answers) != 1:
+        raise DataError(f"{where}: gt_answer {record['gt_answer']!r} matches {len(answers)} options, not 1")
+    image = (root / record["image_path"]).resolve()
+    if not image.is_relative_to(root.resolve()):
+        raise DataError(f"{where}: image_path {record['image_path']!r} leaves the dataset root {root}")
+    return {
+        "id": str(record["question_id"]),
+        "image": str(image),
+        "question": str(record["question"]),
+        "options": options,
+        "answer": answers[0],
+        "modality": MODALITY_BY_TYPE.get(record["modality_type"], record["modality_type"]),
+        "question_type": record.get("question_type", ""),
+    }
+
+
+def load_omnimedvqa(root, modalities=None, question_types=None) -> list[dict]:
+    """Read every `QA_information/Open-access/*.json` under root, filtered by modality and question type."""
+    root = Path(root)
+    files = sorted((root / "QA_information" / "Open-access").glob("*.json"))
+    if not files:
+        raise DataError(f"no QA_information/Open-access/*.json under {root}")
+    samples = []
+    for path in files:
+        for record in json.loads(path.read_text()):
+            sample = record_to_sample(record, str(path), root)
+            if modalities and sample["modality"] not in modalities:
+                continue
+            if question_types and sample["question_type"] not in question_types:
+                continue
+            samples.append(sample)
+    if not samples:
+        raise DataError(f"no samples in {root} for modalities={modalities}, question_types={question_types}")
+    return samples
+
+
+def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """A fixed 80/20-style split that keeps all questions of an image on one side.
+
+    Images are stratified by (modality, question type, answer letter of their
+    first question) so the test side has the same letter balance as the whole.
+    """
+    by_image = {}
+    for sample in samples:
+        by_image.setdefault(sample["image"], []).append(sample)
+    strata = {}
+    for image, group in sorted(by_image.items()):
+        key = (group[0]["modality"], group[0]["question_type"], group[0]["answer"])
+        strata.setdefault(key, []).append(image)
+    rng = random.Random(seed)
+    test_images = set()
+    for key in sorted(strata):
+        images = strata[key]
+        rng.shuffle(images)
+        test_images.update(images[: round(len(images) * test_fraction)])
+    train = [s for s in samples if s["image"] not in test_images]
+    test = [s for s in samples if s["image"] in test_images]
+    return train, test
+
+
+def load_image(path: str, size: int | None = None) -> Image.Image:
+    """An RGB image, resized to size x size when size is given (Med-R1 resizes to 384x384)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    return image.resize((size, size), Image.BICUBIC) if size else image
+
+
+# ---------------------------------------------------------------- collation
+
+
+@dataclass
+class PromptBatch:
+    """B prompts ready for the model; prompts are left-padded to a common length P."""
+
+    input_ids: torch.Tensor  # (B, P)
+    attention_mask: torch.Tensor  # (B, P), 0 on left padding
+    mm_token_type_ids: torch.Tensor  # (B, P), 1 on image tokens
+    pixel_values: torch.Tensor  # (sum over images of patches, C * temporal_patch * patch * patch)
+    image_grid_thw: torch.Tensor  # (B, 3), one image per prompt
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def collate(samples: list[dict], processor, mode: str, image_size: int | None = None) -> PromptBatch:
+    """Chat-format B samples (image first, then the prompt text) and encode them."""
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s, mode)}]}]
+                for s in samples]
+    texts = [processor.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    images = [load_image(s["image"], image_size) for s in samples]
+    return PromptBatch(**processor(texts, images))
+
+
+def repeat_prompts(batch: PromptBatch, group_size: int) -> PromptBatch:
+    """B prompts -> B*G rows where row i is prompt i // G, image patches included."""
+    G = group_size
+    patches_per_image = batch.image_grid_thw.prod(dim=-1).tolist()  # (B,)
+    blocks = batch.pixel_values.split(patches_per_image)  # B blocks of (patches_b, D)
+    return PromptBatch(
+        input_ids=batch.input_ids.repeat_interleave(G, dim=0),  # (B*G, P)
+        attention_mask=batch.attention_mask.repeat_interleave(G, dim=0),  # (B*G, P)
+        mm_token_type_ids=batch.mm_token_type_ids.repeat_interleave(G, dim=0),  # (B*G, P)
+        pixel_values=torch.cat([block for block in blocks for _ in range(G)]),  # (G * sum patches, D)
+        image_grid_thw=batch.image_grid_thw.repeat_interleave(G, dim=0),  # (B*G, 3)
+    )
+
+
+# ---------------------------------------------------------------- synthetic data
+# Eight procedural "modalities", each with its own colour and layout, and
+# image attributes that answer the other four question types. The attributes
+# are drawn at random; the letters follow from them, so nothing in the
+# question text gives the answer away.
+
+ANSWER_POOLS = {
+    "Modality Recognition": list(MODALITIES),
+    "Anatomy Identification": ["Brain", "Chest", "Abdomen", "Knee"],
+    "Disease Diagnosis": ["No", "Yes"],
+    "Lesion Grading": ["Grade I", "Grade II", "Grade III"],
+    "Other Biological Attributes": ["Left", "Right"],
+}
+QUESTIONS = {
+    "Modality Recognition": "What imaging modality was used to capture this image?",
+    "Anatomy Identification": "Which part of the body is shown in this image?",
+    "Disease Diagnosis": "Is there any abnormality in this image?",
+    "Lesion Grading": "What is the grade of the lesion in this image?",
+    "Other Biological Attributes": "On which side is the finding in this image?",
+}
+# (background RGB, foreground RGB, texture) per modality, in MODALITIES order.
+LOOKS = [
+    ((10, 10, 10), (200, 200, 200), "ring"),      # CT
+    ((20, 20, 60), (150, 170, 255), "blobs"),     # MRI
+    ((0, 0, 0), (240, 240, 240), "bars"),         # X-Ray
+    ((30, 20, 0), (200, 170, 90), "fan"),         # Ultrasound
+    ((230, 180, 150), (110, 60, 30), "disc"),     # Dermoscopy
+    ((20, 0, 0), (240, 110, 30), "disc"),         # Fundus Photography
+    ((0, 10, 20), (90, 220, 220), "layers"),      # OCT
+    ((240, 190, 230), (120, 40, 150), "dots"),    # Microscopy
+]
+
+
+def draw_image(modality_index: int, anatomy: int, lesion_grade: int, side: int, rng: np.random.Generator,
+               size: int) -> Image.Image:
+    """A procedural image: modality sets colour and texture, anatomy the body shape, the lesion its spot."""
+    background, foreground, texture = LOOKS[modality_index]
+    y, x = np.mgrid[0:size, 0:size] / size  # (S, S) each, in [0, 1)
+    cy, cx = 0.5 + rng.uniform(-0.05, 0.05, 2)
+    # Body outline: circle, wide ellipse, tall ellipse or square by anatomy.
+    ry, rx = [(0.35, 0.35), (0.28, 0.42), (0.42, 0.28), (0.33, 0.33)][anatomy]
+    if anatomy == 3:
+        body = (abs(y - cy) < ry) & (abs(x - cx) < rx)
+    else:
+        body = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
+    pattern = {
+        "ring": np.abs(np.hypot(y - cy, x - cx) - 0.25) < 0.06,
+        "blobs": np.sin(12 * x + rng.uniform(0, 6)) * np.sin(12 * y) > 0.2,
+        "bars": (np.sin(20 * x + rng.uniform(0, 6)) > 0.3),
+        "fan": (np.abs(x - 0.5) < y * 0.6) & (rng.random((size, size)) > 0.4),
+        "disc": np.ones_like(x, dtype=bool),
+        "layers": np.sin(25 * y + rng.uniform(0, 6)) > 0,
+        "dots": rng.random((size, size)) > 0.85,
+    }[texture]
+    weight = (body & pattern)[..., None] * rng.uniform(0.7, 1.0)  # (S, S, 1)
+    pixels = np.array(background) * (1 - weight) + np.array(foreground) * weight  # (S, S, 3)
+    if lesion_grade > 0:
+        # A bright lesion on the left or right half; its radius grows with the grade.
+        ly, lx = cy + rng.uniform(-0.1, 0.1), cx + (-0.18 if side == 0 else 0.18)
+        lesion = np.hypot(y - ly, x - lx) < 0.04 + 0.03 * lesion_grade
+        pixels[lesion] = (255, 255, 0)
+    pixels = pixels + rng.normal(0, 8, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def synthetic_options(question_type: str, truth: int, rng: random.Random, fixed_order: bool) -> list[str]:
+    """The option texts for one question whose answer is ANSWER_POOLS[question_type][truth]."""
+    pool = ANSWER_POOLS[question_type]
+    if question_type == "Modality Recognition":
+        if fixed_order:
+            # The half of the modality list that holds the answer, in list order: the
+            # letter depends only on the image, which makes the task learnable fast.
+            return pool[truth // 4 * 4:truth // 4 * 4 + 4]
+        options = rng.sample([name for name in pool if name != pool[truth]], 3) + [pool[truth]]
+    else:
+        options = list(pool)
+    if not fixed_order:
+        rng.shuffle(options)
+    return options
+
+
+def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, seed: int = 0,
+                   fixed_order: bool = True) -> Path:
+    """Write a synthetic dataset in OmniMedVQA's layout under root (idempotent) and return root.
+
+    Every image gets one question of each of the 5 types; 2-4 options per
+    question. With fixed_order the options of a question type always come in
+    the same order (see synthetic_options); otherwise they are shuffled.
+    """
+    root = Path(root)
+    done = root / ".complete"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    option_rng = random.Random(seed)
+    qa_dir = root / "QA_information" / "Open-access"
+    qa_dir.mkdir(parents=True, exist_ok=True)
+    for m, (name, modality_type) in enumerate(MODALITIES.items()):
+        dataset = f"Synthetic {name}"
+        (root / "Images" / dataset).mkdir(parents=True, exist_ok=True)
+        records = []
+        for i in range(images_per_modality):
+            anatomy, grade, side = int(rng.integers(4)), int(rng.integers(4)), int(rng.integers(2))
+            image_path = f"Images/{dataset}/{i:05d}.png"
+            draw_image(m, anatomy, grade, side, rng, image_size).save(root / image_path)
+            truths = [m, anatomy, int(grade > 0), grade - 1, side]  # index into ANSWER_POOLS, per type
+            for q, (question_type, truth) in enumerate(zip(QUESTION_TYPES, truths)):
+                if grade == 0 and question_type in ("Lesion Grading", "Other Biological Attributes"):
+                    continue  # no lesion: nothing to grade or locate
+                options = synthetic_options(question_type, truth, option_rng, fixed_order)
+                record = {
+                    "dataset": dataset,
+                    "question_id": f"{dataset}_{i:05d}_{q}",
+                    "question_type": question_type,
+                    "question": QUESTIONS[question_type],
+                    "gt_answer": ANSWER_POOLS[question_type][truth],
+                    "image_path": image_path,
+                    "modality_type": modality_type,
+                }
+                record.update({f"option_{L}": text for L, text in zip(LETTERS, options)})
+                records.append(record)
+        (qa_dir / f"{dataset}.json").write_text(json.dumps(records, indent=1))
+    done.write_text(hashlib.sha1(f"{images_per_modality},{image_size},{seed},{fixed_order}".encode()).hexdigest())
+    return root

@@ -1,0 +1,355 @@
+"""Everything that touches the network: loading, the tiny default, FSDP2, sampling, log-probs, saving.
+
+Shapes: B prompts, G samples per prompt, N = B*G rows, P prompt tokens,
+T completion tokens, V vocabulary.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+import data
+
+# Qwen2-VL's special tokens and chat template, as its tokenizer ships them.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# The policy must never sample these: a stray <|image_pad|> breaks the training forward.
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+# ---------------------------------------------------------------- processor
+
+
+@dataclass
+class Processor:
+    """Image-only stand-in for Qwen2VLProcessor, whose video half needs torchvision in transformers 5."""
+
+    tokenizer: PreTrainedTokenizerFast
+    image_processor: Qwen2VLImageProcessorPil
+
+    @classmethod
+    def from_pretrained(cls, path, min_pixels: int | None = None, max_pixels: int | None = None) -> "Processor":
+        path = Path(path)
+        if not (path / "preprocessor_config.json").exists() or not list(path.glob("tokenizer*")):
+            raise FileNotFoundError(f"{path} has no processor files (preprocessor_config.json, tokenizer.json): "
+                                    "copy them from the base model folder")
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.chat_template is None and (path / "chat_template.json").exists():
+            tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+        pixel_limits = {k: v for k, v in [("min_pixels", min_pixels), ("max_pixels", max_pixels)] if v}
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **pixel_limits)
+        return cls(tokenizer, image_processor)
+
+    def __call__(self, texts: list[str], images: list) -> dict:
+        """Tokenize B chat texts (one image placeholder each, left-padded) and encode their B images."""
+        vision = self.image_processor(images=images, return_tensors="pt")
+        merge = self.image_processor.merge_size ** 2
+        # Each image becomes grid_t * grid_h * grid_w / merge^2 <|image_pad|> tokens.
+        pads = (vision["image_grid_thw"].prod(dim=-1) // merge).tolist()  # (B,)
+        texts = [text.replace("<|image_pad|>", "<|image_pad|>" * n) for text, n in zip(texts, pads)]
+        tokens = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        image_token = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        return {
+            "input_ids": tokens["input_ids"],  # (B, P)
+            "attention_mask": tokens["attention_mask"],  # (B, P)
+            "mm_token_type_ids": (tokens["input_ids"] == image_token).long(),  # (B, P)
+            "pixel_values": vision["pixel_values"],  # (patches, D)
+            "image_grid_thw": vision["image_grid_thw"],  # (B, 3)
+        }
+
+    def save_pretrained(self, path) -> None:
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: <|im_end|>, <|endoftext|> and the generation config's eos."""
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+def load_model(path, dtype=torch.float32):
+    """A Qwen2-VL or Qwen2.5-VL model from a local Hugging Face folder; nothing is downloaded."""
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
+# ---------------------------------------------------------------- the embedded tiny default
+
+
+def warmup_target(sample: dict, mode: str, rng: random.Random) -> str:
+    """A completion in the mode's format with a uniformly random letter: format without knowledge."""
+    letter = rng.choice(list(sample["options"]))
+    reason = rng.choice(["The image shows it.", "This is what the image looks like.", "It fits the findings."])
+    return {
+        "think-after": f"<answer>{letter}</answer><think>{reason}</think>",
+        "think-before": f"<think>{reason}</think><answer>{letter}</answer>",
+        "no-think": f"<answer>{letter}</answer>",
+    }[mode]
+
+
+def train_tokenizer(samples: list[dict]) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE over the prompts and answer formats, plus Qwen2-VL's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    corpus = [data.build_prompt(s, mode) for s in samples for mode in data.PROMPTS]
+    corpus += [warmup_target(s, mode, random.Random(i)) for i, s in enumerate(samples) for mode in data.PROMPTS]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(tokenizer):
+    """The real Qwen2-VL architecture at toy size (about 0.6 M parameters)."""
+    from transformers import Qwen2VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+            # head_dim 32 -> 16 rotary frequencies split over (time, height, width).
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> Path:
+    """Build the embedded default once and cache it: tokenizer, random Qwen2-VL, format-only warm-up.
+
+    The warm-up is supervised on targets with the right tags and a uniformly
+    random letter, for every prompt mode and question type, so the base follows
+    the format but sits at chance: only the GRPO reward can teach the task.
+    """
+    from transformers import Qwen2VLForConditionalGeneration
+
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return folder
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    samples, _ = data.split_by_image(data.load_omnimedvqa(dataset_root))
+    processor = Processor(train_tokenizer(samples), Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56))
+    model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    for _ in range(warmup_steps):
+        batch_samples, mode = rng.sample(samples, 32), rng.choice(list(data.PROMPTS))
+        prompts = data.collate(batch_samples, processor, mode)
+        targets = [processor.tokenizer(warmup_target(s, mode, rng))["input_ids"] + [end] for s in batch_samples]
+        T = max(len(t) for t in targets)
+        completion_ids = torch.tensor([t + [end] * (T - len(t)) for t in targets])  # (B, T)
+        completion_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets])  # (B, T)
+        logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
+        loss = -(logprobs * completion_mask).sum() / completion_mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.generation_config.eos_token_id = end_token_ids(model, processor.tokenizer)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def shard(model, bf16: bool) -> None:
+    """FSDP2: the vision tower as one unit, each decoder layer as one, then the root.
+
+    bf16 keeps fp32 master weights and reduces gradients in fp32.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    fully_shard(model.model.visual, mp_policy=policy)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def all_ranks(flag: bool, device) -> bool:
+    """True when flag is True on every rank."""
+    flag = torch.tensor(int(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+# ---------------------------------------------------------------- sampling and log-probs
+
+
+@dataclass
+class Rollout:
+    """N = B*G sampled completions; row i belongs to prompt i // G."""
+
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T), 1 up to and including the end token
+    logprobs: torch.Tensor  # (N, T), fp32, at the sampling temperature
+    truncated: torch.Tensor  # (N,), True if the length limit came before an end token
+
+
+def prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
+    """Qwen2-VL's 3-D rope positions (3, B, L): image tokens get (time, row, column), text counts on."""
+    positions, _ = model.model.get_rope_index(
+        input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    return positions
+
+
+@torch.no_grad()
+def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: int, end_ids: list[int],
+           banned_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, rows: tuple[int, int] | None = None) -> Rollout:
+    """G completions per prompt from one prefill per prompt; temperature 0 is greedy.
+
+    The prompt and its image are encoded once, then the KV cache is repeated G
+    times. Under torch.distributed every rank keeps decoding until every row
+    of every rank has ended, so FSDP's collectives stay in step.
+
+    Each token is drawn by inverse-CDF sampling with one uniform number per row.
+    rows = (first row of this rank, rows on all ranks): every rank draws the
+    numbers for all rows from the same CPU generator and keeps its own, so the
+    completions do not depend on how the prompts are split over ranks.
+    """
+    G, device = group_size, prompts.input_ids.device
+    positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
+                                 prompts.image_grid_thw)  # (3, B, P)
+    out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
+                pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                mm_token_type_ids=prompts.mm_token_type_ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # every tensor in the cache: (B, ...) -> (N, ...)
+    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
+    # Text after the prompt counts on from the prompt's largest position, whatever the padding.
+    next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,)
+    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (N, P)
+    end_ids = torch.tensor(end_ids, device=device)
+    banned_ids = torch.tensor(banned_ids, device=device)
+    N = logits.shape[0]
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, logprobs, masks = [], [], []
+    for t in range(max_new_tokens):
+        scaled = logits / (temperature if temperature > 0 else 1.0)  # (N, V)
+        allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (N, V), vision tokens never drawn
+        if temperature > 0:
+            first, total = rows or (0, N)
+            uniform = torch.rand(total, generator=generator)[first:first + N].to(device)  # (N,)
+            cdf = top_p_filter(allowed, top_p).softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+            # The first token whose cumulative probability exceeds u; tokens of
+            # probability 0 (banned, filtered) can never be that token.
+            token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (N,)
+        else:
+            token = allowed.argmax(dim=-1)  # (N,)
+        # The log-prob under the model's full tempered distribution, which is what
+        # the training forward computes; the ban and top-p only choose the token.
+        logprob = scaled.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)  # (N,)
+        token = torch.where(finished, end_ids[0], token)  # rows that ended keep emitting padding
+        tokens.append(token)
+        logprobs.append(logprob)
+        masks.append(~finished)
+        finished = finished | torch.isin(token, end_ids)
+        done = bool(finished.all()) if not dist.is_initialized() else all_ranks(bool(finished.all()), device)
+        if done or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)  # (N, P + t + 1)
+        position = (next_position + t).view(1, N, 1).expand(3, N, 1)  # (3, N, 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()  # (N, V)
+    return Rollout(
+        completion_ids=torch.stack(tokens, dim=1),  # (N, T)
+        completion_mask=torch.stack(masks, dim=1).long(),  # (N, T)
+        logprobs=torch.stack(logprobs, dim=1),  # (N, T)
+        truncated=~finished,  # (N,)
+    )
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (N, V)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+    # Drop a token when the tokens before it already reach top_p (the first one always stays).
+    drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p  # (N, V)
+    drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                   temperature: float = 1.0, chunk_rows: int = 16) -> torch.Tensor:
+    """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T).
+
+    prompts has one row per completion (see data.repeat_prompts). Logits are
+    made only for completion positions, and the log-softmax runs a few rows
+    at a time so no (N, T, V) fp32 tensor exists at once.
+    """
+    T = completion_ids.shape[1]
+    input_ids = torch.cat([prompts.input_ids, completion_ids], dim=1)  # (N, P + T)
+    attention_mask = torch.cat([prompts.attention_mask, completion_mask], dim=1)  # (N, P + T)
+    mm_token_type_ids = F.pad(prompts.mm_token_type_ids, (0, T))  # (N, P + T), completions are text
+    positions = prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, prompts.image_grid_thw)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                mm_token_type_ids=mm_token_type_ids, logits_to_keep=T + 1)
+    # Next-token shift: the logit at sequence position P-1+t predicts completion token t,
+    # so keep the last T+1 positions and drop the final one (it predicts past the end).
+    logits = out.logits[:, :-1]  # (N, T, V)
+    logprobs = []
+    for rows, ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
+        scaled = rows.float() / temperature  # (n, T, V)
+        logprobs.append(scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(dim=-1))  # (n, T)
+    return torch.cat(logprobs)  # (N, T)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_checkpoint(model, processor: Processor, folder, extra: dict) -> None:
+    """A Hugging Face folder that from_pretrained loads, gathered from FSDP2 on rank 0. Collective."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return
+    folder = Path(folder)
+    model.generation_config.use_cache = True
+    model.save_pretrained(folder, state_dict=state)
+    processor.save_pretrained(folder)
+    for name, content in extra.items():
+        (folder / name).write_text(json.dumps(content, indent=1))

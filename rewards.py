@@ -1,0 +1,58 @@
+"""Rule rewards: plain functions (completion, sample) -> float, registered by name.
+
+A reward sees the decoded completion text (never token ids: the tiny BPE merges
+">B" into one token) and the sample dict from data.py, which carries the gold
+`answer` letter, the `options` (letter -> text) and the prompt `mode`.
+
+To add a reward: write one function, add one line to REWARDS, add rows to the
+table in tests/test_rewards.py. This file does not import torch.
+"""
+
+import re
+
+# The whole completion (stripped) must match its prompt mode's pattern.
+# think-before and no-think are Med-R1's released regexes; think-after is their
+# mirror image (answer first, then the rationale).
+FORMATS = {
+    "think-after": re.compile(r"<answer>.*?</answer>\s*<think>.*?</think>", re.DOTALL),
+    "think-before": re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL),
+    "no-think": re.compile(r"<answer>.*?</answer>", re.DOTALL),
+}
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# "B", "b", "B.", "(B)", "B)", "B:" alone.
+LONE_LETTER = re.compile(r"\(?([A-Za-z])\)?[.):]?")
+# "B) text", "B. text", "(B) text": a letter marked as an option label, then text.
+LABELLED_LETTER = re.compile(r"\(?([A-Za-z])[.):]\s+\S.*", re.DOTALL)
+
+
+def extract_choice(text: str, options: dict) -> str | None:
+    """The option letter chosen in the last <answer> tag, or None if there is none or it is ambiguous."""
+    tags = ANSWER_TAG.findall(text)
+    if not tags:
+        return None
+    content = tags[-1].strip()
+    # A bare word such as "a" in prose never reaches here as a letter: the
+    # patterns need the whole tag content to be the letter, or a labelled letter.
+    match = LONE_LETTER.fullmatch(content) or LABELLED_LETTER.fullmatch(content)
+    if match:
+        letter = match.group(1).upper()
+        return letter if letter in options else None
+    by_text = [letter for letter, option in options.items() if option.strip().lower() == content.lower()]
+    return by_text[0] if len(by_text) == 1 else None
+
+
+def format_reward(completion: str, sample: dict) -> float:
+    """1 if the whole completion follows the prompt mode's tag layout, else 0."""
+    return float(FORMATS[sample["mode"]].fullmatch(completion.strip()) is not None)
+
+
+def accuracy_reward(completion: str, sample: dict) -> float:
+    """1 if the letter in the last <answer> tag is the gold letter, else 0."""
+    return float(extract_choice(completion, sample["options"]) == sample["answer"])
+
+
+REWARDS = {
+    "format": format_reward,
+    "accuracy": accuracy_reward,
+}
