@@ -78,25 +78,26 @@ def policy_loss(
     """
     if loss_type != "grpo":
         raise ValueError(f"loss_type must be 'grpo', got {loss_type!r}")
-    mask = mask.to(logprobs.dtype)
+    mask = mask.bool()
     ratio = torch.exp(logprobs - old_logprobs)  # (N, T)
     adv = advantages.unsqueeze(1)  # (N, 1), broadcast over tokens
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)  # (N, T)
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)  # (N, T)
     per_token = -surrogate  # (N, T)
-    kl = None
+    kl = torch.zeros_like(per_token)
     if beta != 0:
         kl = kl_k3(logprobs, ref_logprobs)  # (N, T)
         per_token = per_token + beta * kl
     # Mean over each sequence's own tokens, then over sequences (equation 5).
+    # torch.where, not a product: padding may hold any value, even inf.
     lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
-    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+    loss = (torch.where(mask, per_token, 0).sum(dim=1) / lengths).mean()
 
     with torch.no_grad():
-        n_tokens = mask.sum().clamp(min=1)
-        clipped = (ratio * adv != surrogate).to(mask.dtype)  # (N, T): where the clip chose the value
+        n_tokens = max(mask.sum().item(), 1)
+        clipped = ratio * adv != surrogate  # (N, T): where the clipped term was the minimum
         metrics = {
-            "clip_frac": float((clipped * mask).sum() / n_tokens),
-            "kl": float((kl * mask).sum() / n_tokens) if kl is not None else 0.0,
+            "clip_frac": (clipped & mask).sum().item() / n_tokens,
+            "kl": torch.where(mask, kl, 0).sum().item() / n_tokens,
         }
     return loss, metrics

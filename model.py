@@ -121,11 +121,15 @@ def train_tokenizer(samples: list[dict]) -> PreTrainedTokenizerFast:
 
     corpus = [data.build_prompt(s, mode) for s in samples for mode in data.PROMPTS]
     corpus += [warmup_target(s, mode, random.Random(i)) for i, s in enumerate(samples) for mode in data.PROMPTS]
+    corpus += ["system\nYou are a helpful assistant."] * len(samples)
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Merges may cross word boundaries (use_regex=False), so the fixed prompt
+    # template becomes a few long tokens: short prompts make the tiny run fast.
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=1000, max_token_length=16, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     bpe.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
@@ -226,6 +230,12 @@ class Rollout:
     truncated: torch.Tensor  # (N,), True if the length limit came before an end token
 
 
+def decode(tokenizer, rollout: Rollout) -> list[str]:
+    """Completion texts, end token and padding removed. Rewards score text, never token ids."""
+    return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+
+
 def prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
     """Qwen2-VL's 3-D rope positions (3, B, L): image tokens get (time, row, column), text counts on."""
     positions, _ = model.model.get_rope_index(
@@ -261,7 +271,7 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
     next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,)
     attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (N, P)
     end_ids = torch.tensor(end_ids, device=device)
-    banned_ids = torch.tensor(banned_ids, device=device)
+    banned_ids = torch.tensor(banned_ids, dtype=torch.long, device=device)
     N = logits.shape[0]
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logprobs, masks = [], [], []

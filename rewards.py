@@ -37,7 +37,9 @@ def extract_choice(text: str, options: dict) -> str | None:
     match = LONE_LETTER.fullmatch(content) or LABELLED_LETTER.fullmatch(content)
     if match:
         letter = match.group(1).upper()
-        return letter if letter in options else None
+        # "A) CT or B) MRI" names two options: ambiguous, so no choice.
+        others = re.search(rf"\b[{''.join(options)}]\b", content[match.end(1):])
+        return letter if letter in options and not others else None
     by_text = [letter for letter, option in options.items() if option.strip().lower() == content.lower()]
     return by_text[0] if len(by_text) == 1 else None
 

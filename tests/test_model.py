@@ -1,0 +1,209 @@
+"""The sampler and log-probs against Hugging Face transformers as the oracle."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+import data
+import model as modellib
+
+# Images of different shapes give different numbers of image tokens, hence left padding.
+SIZES = {"equal": [(56, 56), (56, 56)], "different": [(56, 56), (84, 28), (28, 84)]}
+
+
+def encode(processor, samples, sizes, mode="think-after") -> data.PromptBatch:
+    """A left-padded PromptBatch whose i-th image is resized to sizes[i] (width, height)."""
+    texts = [processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(s, mode)}]}],
+        add_generation_prompt=True, tokenize=False) for s in samples]
+    images = [data.load_image(s["image"]).resize(size) for s, size in zip(samples, sizes)]
+    return data.PromptBatch(**processor(texts, images))
+
+
+def random_qwen2_5_vl(tokenizer):
+    """A randomly initialised Qwen2.5-VL at toy size, sharing the tiny model's tokenizer."""
+    text = modellib.tiny_config(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=text.text_config.to_dict(),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=text.text_config.hidden_size,
+                           fullatt_block_indexes=[1]),
+        image_token_id=text.image_token_id, video_token_id=text.video_token_id,
+        vision_start_token_id=text.vision_start_token_id, vision_end_token_id=text.vision_end_token_id)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random", "qwen2.5-vl-random"])
+def any_model(request, tiny):
+    """The warmed-up tiny model, and random ones whose outputs depend on every input detail."""
+    model, processor = tiny
+    torch.manual_seed(1)
+    if request.param == "qwen2-vl-random":
+        model = Qwen2VLForConditionalGeneration(modellib.tiny_config(processor.tokenizer)).eval()
+    elif request.param == "qwen2.5-vl-random":
+        model = random_qwen2_5_vl(processor.tokenizer)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def mixed_samples(dataset_root):
+    """Three questions of different types (so different text lengths)."""
+    samples = data.load_omnimedvqa(dataset_root)
+    return [next(s for s in samples if s["question_type"] == q) for q in data.QUESTION_TYPES[:3]]
+
+
+def test_greedy_sampler_equals_generate(any_model, mixed_samples):
+    model, processor = any_model
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    ours = modellib.sample(model, batch, 1, 12, end_ids, banned_ids=[], temperature=0.0)
+    theirs = model.generate(**vars(batch), max_new_tokens=12, do_sample=False, eos_token_id=end_ids,
+                            pad_token_id=end_ids[0])[:, batch.input_ids.shape[1]:]
+    for row in range(len(mixed_samples)):
+        n = int(ours.completion_mask[row].sum())
+        assert ours.completion_ids[row, :n].tolist() == theirs[row, :n].tolist()
+        assert n == theirs.shape[1] or theirs[row, n - 1].item() in end_ids
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_training_forward(any_model, mixed_samples, temperature):
+    model, processor = any_model
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
+    rollout = modellib.sample(model, batch, 3, 16, end_ids, banned, temperature,
+                              generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logprobs = modellib.token_logprobs(model, data.repeat_prompts(batch, 3), rollout.completion_ids,
+                                           rollout.completion_mask, temperature)
+    mask = rollout.completion_mask.bool()
+    assert mask.sum() > 3 * len(mixed_samples)
+    torch.testing.assert_close(logprobs[mask], rollout.logprobs[mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes", ["equal", "different"])
+@pytest.mark.parametrize("G", [2, 4])
+@pytest.mark.parametrize("B", [1, 2])
+def test_repeated_rows_carry_their_own_prompts_image(tiny, mixed_samples, B, G, sizes):
+    _, processor = tiny
+    batch = encode(processor, mixed_samples[:B], SIZES[sizes][:B])
+    expanded = data.repeat_prompts(batch, G)
+    images = batch.pixel_values.split(batch.image_grid_thw.prod(-1).tolist())
+    rows = expanded.pixel_values.split(expanded.image_grid_thw.prod(-1).tolist())
+    assert len(rows) == B * G
+    for i in range(B * G):
+        assert torch.equal(rows[i], images[i // G])
+        assert torch.equal(expanded.image_grid_thw[i], batch.image_grid_thw[i // G])
+        assert torch.equal(expanded.input_ids[i], batch.input_ids[i // G])
+        assert torch.equal(expanded.mm_token_type_ids[i], batch.mm_token_type_ids[i // G])
+
+
+def test_sampler_never_emits_vision_tokens(tiny, mixed_samples):
+    model, processor = tiny
+    banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
+    head = model.lm_head
+
+    class PreferVisionTokens(torch.nn.Module):
+        """The real head plus a large bonus on the vision tokens: a model that would emit them."""
+
+        def forward(self, hidden):
+            logits = head(hidden)
+            logits[..., banned] += 50.0
+            return logits
+
+    model.lm_head = PreferVisionTokens()
+    batch = encode(processor, mixed_samples, SIZES["equal"] + [(56, 56)])
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    unbanned = modellib.sample(model, batch, 2, 4, end_ids, banned_ids=[], temperature=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.isin(unbanned.completion_ids, torch.tensor(banned)).any()
+    rollout = modellib.sample(model, batch, 2, 4, end_ids, banned, temperature=1.0,
+                              generator=torch.Generator().manual_seed(0))
+    assert not torch.isin(rollout.completion_ids, torch.tensor(banned)).any()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = modellib.top_p_filter(probs.log(), 0.8).isfinite()
+    # 0.5 < 0.8, 0.5 + 0.3 = 0.8 reaches it: the first two stay.
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_sampling_follows_the_model_distribution(tiny, mixed_samples):
+    """Inverse-CDF sampling: the first token's empirical frequencies match the softmax."""
+    model, processor = tiny
+    batch = encode(processor, mixed_samples[:1], [(56, 56)])
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    rollout = modellib.sample(model, batch, 4000, 1, end_ids, [], temperature=1.0,
+                              generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = model(**vars(batch)).logits[0, -1].softmax(-1)
+    counts = torch.bincount(rollout.completion_ids[:, 0], minlength=probs.numel()) / 4000
+    assert (counts - probs).abs().max() < 0.03
+
+
+def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_samples, tmp_path):
+    """Sharded safetensors with an index, chat_template.json, the real preprocessor_config keys."""
+    model, processor = tiny
+    folder = tmp_path / "Qwen2-VL-2B-Instruct"
+    model.save_pretrained(folder, max_shard_size="500KB")
+    processor.tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": modellib.CHAT_TEMPLATE}))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    shutil.copy(tiny_path / "preprocessor_config.json", folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config.update({"min_pixels": 3136, "max_pixels": 12845056, "processor_class": "Qwen2VLProcessor"})
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    assert (folder / "model.safetensors.index.json").exists()
+
+    loaded = modellib.load_model(folder)
+    loaded_processor = modellib.Processor.from_pretrained(folder, max_pixels=56 * 56)
+    batch = encode(loaded_processor, mixed_samples, SIZES["different"])
+    assert loaded_processor.tokenizer.chat_template == modellib.CHAT_TEMPLATE
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**vars(batch)).logits, model(**vars(batch)).logits)
+
+
+def test_model_folder_without_processor_files_is_a_clear_error(tiny, tmp_path):
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no processor files"):
+        modellib.Processor.from_pretrained(tmp_path)
+
+
+def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_samples, tmp_path,
+                                                               single_process_group):
+    model, processor = tiny
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    with torch.no_grad():
+        expected = model(**vars(batch)).logits
+    modellib.shard(model, bf16=False)
+    modellib.save_checkpoint(model, processor, tmp_path / "ckpt", {"train_config.json": {"lr": 1.0}})
+    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert reloaded.generation_config.use_cache
+    assert json.loads((tmp_path / "ckpt" / "train_config.json").read_text()) == {"lr": 1.0}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**vars(batch)).logits, expected)
+
+
+def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mixed_samples, single_process_group):
+    model, processor = tiny
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    rollout = modellib.sample(model, batch, 2, 8, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
+    expanded = data.repeat_prompts(batch, 2)
+    with torch.no_grad():
+        fp32 = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
+    modellib.shard(model, bf16=True)
+    logprobs = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
+    assert logprobs.dtype == torch.float32
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(logprobs[mask], fp32[mask], rtol=0, atol=0.25)  # bf16 has ~3 digits
+    assert not torch.equal(logprobs[mask], fp32[mask])  # bf16 really was used
+    (logprobs * mask).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and g.to_local().isfinite().all() for g in grads)
