@@ -3,8 +3,9 @@
 One sample form for every source: a dict with
     id, image (path), question, options (letter -> text), answer (letter),
     modality, question_type.
-Sources: OmniMedVQA as distributed (`load_omnimedvqa`) and a synthetic
-generator that writes the same layout offline (`make_synthetic`).
+Sources: OmniMedVQA as distributed (`load_omnimedvqa`), Med-R1's released
+split files (`load_medr1_split`) and a synthetic generator that writes
+OmniMedVQA's layout offline (`make_synthetic`).
 
 Shapes: B prompts, G samples per prompt, P prompt tokens.
 """
@@ -12,6 +13,7 @@ Shapes: B prompts, G samples per prompt, P prompt tokens.
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +121,65 @@ def load_omnimedvqa(root, modalities=None, question_types=None) -> list[dict]:
     return samples
 
 
+# Med-R1's `solution` field: the gold letter, space-padded, in an answer tag.
+MEDR1_SOLUTION = re.compile(r"<answer>\s*([A-Z])\s*</answer>")
+
+
+def parse_problem(problem: str, where: str) -> tuple[str, dict]:
+    """Med-R1's `problem` string -> (question, options); the inverse of problem_text."""
+    start = problem.find(" A)")
+    if start < 0:
+        raise DataError(f"{where}: no ' A)' in problem {problem!r}")
+    question, rest = problem[:start], problem[start + len(" A)"):]
+    # Option texts hold commas and brackets ("Positron emission tomography (PET)"),
+    # so cut only at the next label in order: ", B)", then ", C)", then ", D)".
+    options = {}
+    for letter, next_letter in zip(LETTERS, LETTERS[1:]):
+        cut = rest.find(f", {next_letter})")
+        if cut < 0:
+            break
+        options[letter], rest = rest[:cut], rest[cut + len(", B)"):]
+    options[LETTERS[len(options)]] = rest  # the last option runs to the end
+    if len(options) < 2:
+        raise DataError(f"{where}: needs at least 2 options, has {len(options)} in problem {problem!r}")
+    return question, options
+
+
+def load_medr1_split(path, image_root=None) -> list[dict]:
+    """Read one of Med-R1's split files ({image, problem, solution} records) as samples."""
+    path = Path(path)
+    # The file is named after an OmniMedVQA modality_type or a question type, then "_train"/"_test".
+    name = path.stem.rsplit("_", 1)[0]
+    if name not in MODALITY_BY_TYPE and name not in QUESTION_TYPES:
+        raise DataError(f"{path}: the name does not start with a modality type {list(MODALITY_BY_TYPE)} "
+                        f"or a question type {QUESTION_TYPES}")
+    samples = []
+    for index, record in enumerate(json.loads(path.read_text())):
+        where = f"{path}, record {index}"
+        missing = [k for k in ("image", "problem", "solution") if k not in record]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}")
+        question, options = parse_problem(record["problem"], where)
+        solution = MEDR1_SOLUTION.fullmatch(record["solution"].strip())
+        if not solution or solution.group(1) not in options:
+            raise DataError(f"{where}: solution {record['solution']!r} names none of the options {list(options)}")
+        samples.append({
+            "id": f"{path.stem}#{index}",
+            "image": str(Path(image_root) / record["image"]) if image_root else record["image"],
+            "question": question,
+            "options": options,
+            "answer": solution.group(1),
+            "modality": MODALITY_BY_TYPE.get(name, ""),
+            "question_type": name if name in QUESTION_TYPES else "",
+        })
+    return samples
+
+
+def random_guess_accuracy(samples: list[dict]) -> float:
+    """The expected accuracy of picking one option uniformly at random, averaged over samples."""
+    return sum(1 / len(s["options"]) for s in samples) / len(samples)
+
+
 def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
     """A fixed 80/20-style split that keeps all questions of an image on one side.
 
@@ -176,18 +237,22 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
     return PromptBatch(**processor(texts, images))
 
 
-def repeat_prompts(batch: PromptBatch, group_size: int) -> PromptBatch:
-    """B prompts -> B*G rows where row i is prompt i // G, image patches included."""
-    G = group_size
-    patches_per_image = batch.image_grid_thw.prod(dim=-1).tolist()  # (B,)
-    blocks = batch.pixel_values.split(patches_per_image)  # B blocks of (patches_b, D)
+def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
+    """The given rows of a batch (in that order, repeats allowed), each with its own image's patches."""
+    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())  # one (patches, D) per row
     return PromptBatch(
-        input_ids=batch.input_ids.repeat_interleave(G, dim=0),  # (B*G, P)
-        attention_mask=batch.attention_mask.repeat_interleave(G, dim=0),  # (B*G, P)
-        mm_token_type_ids=batch.mm_token_type_ids.repeat_interleave(G, dim=0),  # (B*G, P)
-        pixel_values=torch.cat([block for block in blocks for _ in range(G)]),  # (G * sum patches, D)
-        image_grid_thw=batch.image_grid_thw.repeat_interleave(G, dim=0),  # (B*G, 3)
+        input_ids=batch.input_ids[rows],  # (R, P)
+        attention_mask=batch.attention_mask[rows],  # (R, P)
+        mm_token_type_ids=batch.mm_token_type_ids[rows],  # (R, P)
+        pixel_values=torch.cat([blocks[i] for i in rows.tolist()]),  # (patches of the R images, D)
+        image_grid_thw=batch.image_grid_thw[rows],  # (R, 3)
     )
+
+
+def repeat_prompts(batch: PromptBatch, group_size: int) -> PromptBatch:
+    """B prompts -> B*G rows where row i is prompt i // G, image patches included (never pixel_values.repeat)."""
+    B = batch.input_ids.shape[0]
+    return select_rows(batch, torch.arange(B).repeat_interleave(group_size))  # rows 0,0,..,1,1,..
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -213,12 +278,12 @@ QUESTIONS = {
 # (background RGB, foreground RGB, texture) per modality, in MODALITIES order.
 LOOKS = [
     ((10, 10, 10), (200, 200, 200), "ring"),      # CT
-    ((20, 20, 60), (150, 170, 255), "blobs"),     # MRI
-    ((0, 0, 0), (240, 240, 240), "bars"),         # X-Ray
+    ((40, 0, 60), (200, 140, 255), "blobs"),      # MRI
+    ((0, 0, 50), (230, 240, 255), "bars"),        # X-Ray
     ((30, 20, 0), (200, 170, 90), "fan"),         # Ultrasound
     ((230, 180, 150), (110, 60, 30), "disc"),     # Dermoscopy
     ((20, 0, 0), (240, 110, 30), "disc"),         # Fundus Photography
-    ((0, 10, 20), (90, 220, 220), "layers"),      # OCT
+    ((0, 40, 40), (90, 220, 220), "layers"),      # OCT
     ((240, 190, 230), (120, 40, 150), "dots"),    # Microscopy
 ]
 

@@ -25,11 +25,27 @@ policy pi_old and score each with rule rewards r_i (rewards.py). Then:
         D_{i,t} = pi_ref/pi - log(pi_ref/pi) - 1
                 = exp(ref_logp - logp) - (ref_logp - logp) - 1
 
-(5) Loss, minimised:
-        L = mean_i [ (1/|o_i|) sum_t ( -S_{i,t} + beta * D_{i,t} ) ]
-    averaged over each sequence's own tokens, then over sequences: Med-R1's
-    (and the original GRPO paper's) choice. Long and short completions thus
-    weigh the same per sequence, so a token of a short one weighs more.
+(5) Loss, minimised, with x_{i,t} = -S_{i,t} + beta * D_{i,t} and |o_i| the
+    length of completion i; `loss_type` chooses how tokens are averaged:
+      grpo    L = (1/N) sum_i (1/|o_i|) sum_t x_{i,t}
+              each sequence's own mean, then the mean over sequences: Med-R1's
+              (and the GRPO paper's) choice. A token of a short completion
+              weighs more than one of a long completion.
+      dapo    L = (1 / sum_i |o_i|) sum_{i,t} x_{i,t}
+              every token weighs the same (Yu et al. 2025, DAPO, eq. 8).
+      dr_grpo L = (1 / (N * T_max)) sum_{i,t} x_{i,t}
+              a constant denominator, T_max the completion length limit, so
+              no length bias at all (Liu et al. 2025, "Understanding R1-Zero-
+              like training", Dr. GRPO).
+    N, sum_i |o_i| are counted over the whole optimizer step: all ranks and all
+    pieces of the batch. Each piece passes its share of the denominator in
+    (`denominator`: the global count divided by the number of ranks, since the
+    ranks' gradients are averaged), so the gradient does not depend on how the
+    batch is split.
+
+(6) Zero-variance groups (every reward equal) have A = 0 and give no policy
+    gradient, only KL. DAPO's "dynamic sampling" drops them from the update
+    (`--filter_zero_std` in train.py); their fraction is always logged.
 
 All log-probs are fp32 and computed with the sampling temperature applied
 (model.py), the same way for pi, pi_old and pi_ref.
@@ -70,14 +86,16 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Equations (2)-(5): the scalar loss and a dict of float metrics.
 
     logprobs, old_logprobs, ref_logprobs, mask: (N, T); advantages: (N,).
     mask is 1 on completion tokens (up to and including the end token).
+    denominator: this piece's share of equation (5)'s denominator; None means
+    this batch is the whole step (N, sum_i |o_i| or N * T_max, counted here).
     """
-    if loss_type != "grpo":
-        raise ValueError(f"loss_type must be 'grpo', got {loss_type!r}")
     mask = mask.bool()
     ratio = torch.exp(logprobs - old_logprobs)  # (N, T)
     adv = advantages.unsqueeze(1)  # (N, 1), broadcast over tokens
@@ -88,16 +106,35 @@ def policy_loss(
     if beta != 0:
         kl = kl_k3(logprobs, ref_logprobs)  # (N, T)
         per_token = per_token + beta * kl
-    # Mean over each sequence's own tokens, then over sequences (equation 5).
     # torch.where, not a product: padding may hold any value, even inf.
-    lengths = mask.sum(dim=1).clamp(min=1)  # (N,)
-    loss = (torch.where(mask, per_token, 0).sum(dim=1) / lengths).mean()
+    per_token = torch.where(mask, per_token, 0)  # (N, T)
+    lengths = mask.sum(dim=1)  # (N,)
+    if loss_type == "grpo":
+        total = (per_token.sum(dim=1) / lengths.clamp(min=1)).sum()  # sum over sequences of their means
+        denominator = denominator or len(lengths)
+    elif loss_type == "dapo":
+        total = per_token.sum()
+        denominator = denominator or max(lengths.sum().item(), 1)
+    elif loss_type == "dr_grpo":
+        total = per_token.sum()
+        denominator = denominator or len(lengths) * (max_completion_length or mask.shape[1])
+    else:
+        raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
+    loss = total / denominator
 
     with torch.no_grad():
         n_tokens = max(mask.sum().item(), 1)
-        clipped = ratio * adv != surrogate  # (N, T): where the clipped term was the minimum
+        # Where the clipped term is the minimum: below 1 - eps_low with A < 0, above 1 + eps_high with A > 0.
+        clipped_low = (ratio < 1 - eps_low) & (adv < 0) & mask  # (N, T)
+        clipped_high = (ratio > 1 + eps_high) & (adv > 0) & mask  # (N, T)
+        masked_ratio = ratio[mask] if mask.any() else torch.ones(1)
         metrics = {
-            "clip_frac": (clipped & mask).sum().item() / n_tokens,
+            "clip_frac": (clipped_low | clipped_high).sum().item() / n_tokens,
+            "clip_frac_low": clipped_low.sum().item() / n_tokens,
+            "clip_frac_high": clipped_high.sum().item() / n_tokens,
             "kl": torch.where(mask, kl, 0).sum().item() / n_tokens,
+            "kl_max": torch.where(mask, kl, 0).max().item(),
+            "ratio_min": masked_ratio.min().item(),
+            "ratio_max": masked_ratio.max().item(),
         }
     return loss, metrics

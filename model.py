@@ -171,17 +171,11 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
     samples, _ = data.split_by_image(data.load_omnimedvqa(dataset_root))
     processor = Processor(train_tokenizer(samples), Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56))
     model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     for _ in range(warmup_steps):
         batch_samples, mode = rng.sample(samples, 32), rng.choice(list(data.PROMPTS))
         prompts = data.collate(batch_samples, processor, mode)
-        targets = [processor.tokenizer(warmup_target(s, mode, rng))["input_ids"] + [end] for s in batch_samples]
-        T = max(len(t) for t in targets)
-        completion_ids = torch.tensor([t + [end] * (T - len(t)) for t in targets])  # (B, T)
-        completion_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in targets])  # (B, T)
-        logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
-        loss = -(logprobs * completion_mask).sum() / completion_mask.sum()
+        loss = sft_loss(model, processor.tokenizer, prompts, [warmup_target(s, mode, rng) for s in batch_samples])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -227,6 +221,7 @@ class Rollout:
     completion_ids: torch.Tensor  # (N, T)
     completion_mask: torch.Tensor  # (N, T), 1 up to and including the end token
     logprobs: torch.Tensor  # (N, T), fp32, at the sampling temperature
+    entropy: torch.Tensor  # (N, T), of the tempered next-token distribution
     truncated: torch.Tensor  # (N,), True if the length limit came before an end token
 
 
@@ -274,7 +269,7 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
     banned_ids = torch.tensor(banned_ids, dtype=torch.long, device=device)
     N = logits.shape[0]
     finished = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logprobs, masks = [], [], []
+    tokens, logprobs, masks, entropies = [], [], [], []
     for t in range(max_new_tokens):
         scaled = logits / (temperature if temperature > 0 else 1.0)  # (N, V)
         allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (N, V), vision tokens never drawn
@@ -289,7 +284,9 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
             token = allowed.argmax(dim=-1)  # (N,)
         # The log-prob under the model's full tempered distribution, which is what
         # the training forward computes; the ban and top-p only choose the token.
-        logprob = scaled.log_softmax(dim=-1).gather(1, token[:, None]).squeeze(1)  # (N,)
+        all_logprobs = scaled.log_softmax(dim=-1)  # (N, V)
+        logprob = all_logprobs.gather(1, token[:, None]).squeeze(1)  # (N,)
+        entropies.append(-(all_logprobs.exp() * all_logprobs).sum(dim=-1))  # (N,)
         token = torch.where(finished, end_ids[0], token)  # rows that ended keep emitting padding
         tokens.append(token)
         logprobs.append(logprob)
@@ -307,6 +304,7 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
         completion_ids=torch.stack(tokens, dim=1),  # (N, T)
         completion_mask=torch.stack(masks, dim=1).long(),  # (N, T)
         logprobs=torch.stack(logprobs, dim=1),  # (N, T)
+        entropy=torch.stack(entropies, dim=1),  # (N, T)
         truncated=~finished,  # (N,)
     )
 
@@ -347,6 +345,18 @@ def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tenso
         scaled = rows.float() / temperature  # (n, T, V)
         logprobs.append(scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(dim=-1))  # (n, T)
     return torch.cat(logprobs)  # (N, T)
+
+
+def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) -> torch.Tensor:
+    """Mean negative log-likelihood of each target text and <|im_end|>, on completion tokens only."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = [tokenizer(text)["input_ids"] + [end] for text in targets]
+    T = max(len(t) for t in ids)
+    completion_ids = torch.tensor([t + [end] * (T - len(t)) for t in ids])  # (B, T)
+    completion_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in ids])  # (B, T)
+    device = prompts.input_ids.device
+    logprobs = token_logprobs(model, prompts, completion_ids.to(device), completion_mask.to(device))  # (B, T)
+    return -(logprobs * completion_mask.to(device)).sum() / completion_mask.sum()
 
 
 # ---------------------------------------------------------------- saving

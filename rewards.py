@@ -54,7 +54,23 @@ def accuracy_reward(completion: str, sample: dict) -> float:
     return float(extract_choice(completion, sample["options"]) == sample["answer"])
 
 
+# Med-R1's released rule: the first tag, on one line (no DOTALL), compared as is.
+FIRST_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>")
+
+
+def medr1_strict_choice(text: str) -> str:
+    """The stripped content of the first one-line <answer> tag, or the whole stripped text if there is none."""
+    match = FIRST_ANSWER_TAG.search(text)
+    return (match.group(1) if match else text).strip()
+
+
+def accuracy_medr1_strict(completion: str, sample: dict) -> float:
+    """1 if medr1_strict_choice is exactly the gold letter ("C." and "c" score 0), as Med-R1 released it."""
+    return float(medr1_strict_choice(completion) == sample["answer"])
+
+
 REWARDS = {
     "format": format_reward,
     "accuracy": accuracy_reward,
+    "accuracy_medr1_strict": accuracy_medr1_strict,
 }

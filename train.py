@@ -40,17 +40,26 @@ class Config:
     question_types: str = ""  # comma-separated; empty = all (Modality Recognition for the synthetic data)
     prompt_mode: str = "think-after"  # think-after (answer, then rationale), think-before or no-think
     rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
-    # GRPO (Med-R1's values)
+    algo: str = "grpo"  # grpo, or sft: supervised on the gold answer tag (the paper's baseline)
+    # GRPO (Med-R1's values; grpo.py has the equations)
     num_generations: int = 8  # G completions per prompt (Med-R1: 4)
-    prompts_per_step: int = 8  # prompts per optimizer step over all ranks (Med-R1: 4)
+    prompts_per_step: int = 8  # prompts per rollout over all ranks (Med-R1: 4)
     beta: float = 0.04  # weight of the k3 KL to the frozen reference; 0 loads no reference
     eps_low: float = 0.2  # clip range below 1 for the probability ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher uses 0.28)
+    loss_type: str = "grpo"  # grpo (per-sequence mean), dapo (token mean) or dr_grpo (constant denominator)
+    scale_rewards: str = "group"  # advantages divided by the group's std, the batch's (batch) or not (none)
+    num_iterations: int = 1  # mu: policy updates per rollout; > 1 makes the ratio depart from 1
+    minibatches: int = 1  # each rollout is split into this many optimizer steps, per iteration
+    filter_zero_std: bool = False  # drop groups whose rewards are all equal from the update (DAPO)
+    mask_truncated: bool = False  # no loss on completions that hit max_new_tokens without an end token
+    ref_sync_every: int = 0  # every N steps set ref = a * policy + (1 - a) * ref (0 = frozen reference)
+    ref_sync_alpha: float = 0.6  # a above
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 32  # completion length limit (Med-R1: 256)
     # optimisation
-    steps: int = 600  # optimizer steps
+    steps: int = 600  # rollouts (GRPO) or batches (SFT)
     lr: float = 0.0  # peak learning rate, decayed linearly to 0; 0 = 5e-4 for the tiny model, 1e-6 (Med-R1) otherwise
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
@@ -98,8 +107,14 @@ def resolve(cfg: Config, world: int) -> Config:
     unknown = set(cfg.rewards.split(",")) - set(rewards.REWARDS)
     if unknown:
         raise SystemExit(f"unknown rewards {sorted(unknown)}; known: {list(rewards.REWARDS)}")
-    if cfg.num_generations < 2:
+    if cfg.num_generations < 2 and cfg.algo == "grpo":
         raise SystemExit("--num_generations must be at least 2: advantages are relative to the group")
+    for name, allowed in [("algo", ("grpo", "sft")), ("loss_type", ("grpo", "dapo", "dr_grpo")),
+                          ("scale_rewards", ("group", "batch", "none"))]:
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
+    if cfg.prompts_per_step // world * cfg.num_generations < cfg.minibatches:
+        raise SystemExit(f"--minibatches {cfg.minibatches} exceeds the completions per rank")
     return cfg
 
 
@@ -172,6 +187,97 @@ def mean_over_ranks(values: dict) -> dict:
     return dict(zip(values, (stacked / dist.get_world_size()).tolist()))
 
 
+def sum_over_ranks(value: float) -> float:
+    """A count summed over ranks: the loss denominators of grpo.py's equation (5)."""
+    total = torch.tensor(float(value), dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (N,) tensor in rank order: (world * N,)."""
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values)
+    return torch.cat(parts)
+
+
+def grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rollout, reward_table) -> dict:
+    """Advantages, then num_iterations x minibatches clipped policy updates; returns metrics.
+
+    Advantages are computed from every rank's rewards, so "batch" scaling and
+    the zero-variance count see the whole step; groups never span ranks.
+    """
+    rank, world, G = dist.get_rank(), dist.get_world_size(), cfg.num_generations
+    N = reward_table.shape[0]
+    all_rewards = gather_rows(reward_table.sum(dim=1))  # (world * N,)
+    advantages = grpo.group_advantages(all_rewards, G, cfg.scale_rewards)[rank * N:(rank + 1) * N]  # (N,)
+    zero_std = reward_table.sum(dim=1).view(-1, G).std(dim=1) == 0  # (B,)
+
+    mask = rollout.completion_mask  # (N, T)
+    if cfg.mask_truncated:
+        mask = mask * ~rollout.truncated.unsqueeze(1)  # (N, T), truncated rows get no loss
+    rows = torch.arange(N)
+    if cfg.filter_zero_std:
+        rows = rows[~zero_std.repeat_interleave(G)]  # only groups with a reward spread train
+    expanded = data.repeat_prompts(prompts, G)  # (N, P) rows, each with its own prompt's image
+    ids, device = rollout.completion_ids, rollout.completion_ids.device
+    ref_logprobs = None
+    if reference is not None:
+        with torch.no_grad():
+            ref_logprobs = modellib.token_logprobs(reference, expanded, ids, mask, cfg.temperature)  # (N, T)
+
+    # With one update per rollout the old policy is the current one: ratio exactly 1.
+    # Otherwise it is the policy that sampled, whose log-probs the sampler kept.
+    on_policy = cfg.num_iterations == 1 and cfg.minibatches == 1
+    metrics = []
+    for _ in range(cfg.num_iterations):
+        for chunk in rows.tensor_split(cfg.minibatches):
+            # A rank with no rows left still runs one forward and backward (on a row it
+            # gives no weight), so every rank makes the same FSDP collective calls.
+            weight = torch.ones(len(chunk) or 1, 1, device=device)
+            if len(chunk) == 0:
+                chunk, weight = rows.new_zeros(1), weight * 0
+            chunk_mask = mask[chunk] * weight  # (n, T)
+            sequences = (chunk_mask.sum(dim=1) > 0).sum().item()
+            count = {"grpo": sequences, "dapo": chunk_mask.sum().item(),
+                     "dr_grpo": sequences * cfg.max_new_tokens}[cfg.loss_type]
+            denominator = max(sum_over_ranks(count), 1) / world  # the ranks' gradients are averaged
+            logprobs = modellib.token_logprobs(policy, data.select_rows(expanded, chunk), ids[chunk], mask[chunk],
+                                               cfg.temperature)  # (n, T)
+            old = logprobs.detach() if on_policy else rollout.logprobs[chunk]
+            loss, chunk_metrics = grpo.policy_loss(
+                logprobs, old, None if ref_logprobs is None else ref_logprobs[chunk], advantages[chunk], chunk_mask,
+                beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_new_tokens, denominator=denominator)
+            chunk_metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
+            chunk_metrics["loss"] = loss.item()
+            metrics.append(chunk_metrics)
+    # Over the minibatch updates: extremes stay extremes, the rest are averaged.
+    reduce = {"ratio_min": min, "ratio_max": max, "kl_max": max}
+    averaged = {k: reduce.get(k, lambda v: sum(v) / len(v))([m[k] for m in metrics]) for k in metrics[0]}
+    return {**averaged, "zero_std_groups": zero_std.float().mean().item(),
+            "trained_rows": len(rows) / N, "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
+
+
+def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
+    """Backward, clip, step, schedule; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    optimizer.step()
+    schedule.step()
+    return grad_norm.item()
+
+
+@torch.no_grad()
+def sync_reference(policy, reference, alpha: float) -> None:
+    """ref = alpha * policy + (1 - alpha) * ref, shard by shard (both are sharded alike)."""
+    policy.reshard()  # the root may still hold its last forward's full parameters
+    reference.reshard()
+    for ref_param, param in zip(reference.parameters(), policy.parameters()):
+        ref_param.lerp_(param, alpha)
+
+
 def main():
     import eval as evaluation  # eval.py imports this file; import late to keep the cycle harmless
 
@@ -185,16 +291,12 @@ def main():
     root = dataset_root(cfg)
     path = model_path(cfg, root)
     processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
-    policy = modellib.load_model(path).to(device)
-    modellib.shard(policy, bf16=cfg.dtype == "bf16")
-    reference = None
-    if cfg.beta != 0:
-        reference = modellib.load_model(path).to(device).requires_grad_(False)
-        modellib.shard(reference, bf16=cfg.dtype == "bf16")
+    policy, reference = load_models(cfg, path, device)
     end_ids = modellib.end_token_ids(policy, processor.tokenizer)
     banned_ids = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
+    updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / cfg.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / (cfg.steps * updates_per_step))
 
     # ---- data: every rank walks the same shuffled order and takes its slice of each step's prompts
     train_samples = [dict(s, mode=cfg.prompt_mode) for s in load_split(cfg, root, "train")]
@@ -220,67 +322,53 @@ def main():
         return summary["accuracy"]
 
     base_accuracy = run_eval(0)
-    progress = tqdm(range(1, cfg.steps + 1), disable=rank != 0, desc="grpo")
+    progress = tqdm(range(1, cfg.steps + 1), disable=rank != 0, desc=cfg.algo)
     for step in progress:
         t0 = time.time()
-        # ---- rollout: G completions for each of this rank's B prompts
         while len(order) < cfg.prompts_per_step:
             order += torch.randperm(len(train_samples), generator=order_rng).tolist()
         step_indices, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
         samples = [train_samples[i] for i in step_indices[rank * B:(rank + 1) * B]]
         prompts = data.collate(samples, processor, cfg.prompt_mode, image_size).to(device)
-        rollout = modellib.sample(policy, prompts, G, cfg.max_new_tokens, end_ids, banned_ids, cfg.temperature,
-                                  cfg.top_p, generator=sampling_rng, rows=(rank * B * G, world * B * G))
-        t_rollout = time.time() - t0
 
-        # ---- rewards and group-relative advantages (groups never span ranks: a rank holds whole groups)
-        texts = modellib.decode(processor.tokenizer, rollout)
-        row_samples = [s for s in samples for _ in range(G)]  # row i belongs to prompt i // G
-        reward_table = score(texts, row_samples, reward_names)  # (N, R)
-        advantages = grpo.group_advantages(reward_table.sum(dim=1), G).to(device)  # (N,)
-
-        # ---- policy update
-        expanded = data.repeat_prompts(prompts, G)  # (N, P) rows, each with its own prompt's image
-        mask = rollout.completion_mask
-        logprobs = modellib.token_logprobs(policy, expanded, rollout.completion_ids, mask, cfg.temperature)
-        ref_logprobs = None
-        if reference is not None:
-            with torch.no_grad():
-                ref_logprobs = modellib.token_logprobs(reference, expanded, rollout.completion_ids, mask,
-                                                       cfg.temperature)
-        # One update per rollout: the old policy is the current one, so the ratio is exactly 1.
-        loss, loss_metrics = grpo.policy_loss(logprobs, logprobs.detach(), ref_logprobs, advantages, mask,
-                                              beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
+        if cfg.algo == "sft":
+            # ---- supervised baseline: the gold answer tag is the whole target
+            loss = modellib.sft_loss(policy, processor.tokenizer, prompts,
+                                     [f"<answer>{s['answer']}</answer>" for s in samples])
+            local = {"loss": loss.item(), "grad_norm": optimizer_step(cfg, policy, optimizer, schedule, loss)}
+            t_rollout = 0.0
+        else:
+            # ---- rollout: G completions for each of this rank's B prompts (row i is prompt i // G)
+            rollout = modellib.sample(policy, prompts, G, cfg.max_new_tokens, end_ids, banned_ids,
+                                      cfg.temperature, cfg.top_p, generator=sampling_rng,
+                                      rows=(rank * B * G, world * B * G))
+            t_rollout = time.time() - t0
+            # ---- rule rewards on the decoded text, then advantages and the policy update
+            texts = modellib.decode(processor.tokenizer, rollout)
+            row_samples = [s for s in samples for _ in range(G)]
+            reward_table = score(texts, row_samples, reward_names)  # (N, R)
+            local = grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rollout, reward_table)
+            if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
+                sync_reference(policy, reference, cfg.ref_sync_alpha)
+            choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
+            local.update({
+                "reward": reward_table.sum(dim=1).mean().item(),
+                **{f"reward_{n}": reward_table[:, i].mean().item() for i, n in enumerate(reward_names)},
+                "completion_len": rollout.completion_mask.sum(dim=1).float().mean().item(),
+                "completion_len_max": rollout.completion_mask.sum(dim=1).max().item(),
+                "truncated": rollout.truncated.float().mean().item(),
+                # The sampled-letter histogram shows a letter dying out (then only the KL revives it).
+                **{f"letter_{L}": sum(c == L for c in choices) / len(choices) for L in data.LETTERS},
+            })
 
         # ---- log
-        choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
-        spread = reward_table.sum(dim=1).view(-1, G).std(dim=1) > 0  # (B,): groups that carry signal
-        local = {
-            "loss": loss.item(),
-            "reward": reward_table.sum(dim=1).mean().item(),
-            **{f"reward_{n}": reward_table[:, i].mean().item() for i, n in enumerate(reward_names)},
-            "groups_with_spread": spread.float().mean().item(),
-            "completion_len": mask.sum(dim=1).float().mean().item(),
-            "truncated": rollout.truncated.float().mean().item(),
-            **{f"letter_{L}": sum(c == L for c in choices) / len(choices) for L in data.LETTERS},
-            **loss_metrics,
-        }
-        logged = {"step": step, **mean_over_ranks(local), "grad_norm": grad_norm.item(),
-                  "lr": schedule.get_last_lr()[0], "rollout_s": t_rollout, "step_s": time.time() - t0}
+        logged = {"step": step, **mean_over_ranks(local), "lr": schedule.get_last_lr()[0],
+                  "rollout_s": t_rollout, "step_s": time.time() - t0}
         if rank == 0:
             metrics_file.write(json.dumps(logged) + "\n")
             metrics_file.flush()
-            progress.set_postfix(reward=f"{logged['reward']:.2f}", acc=f"{logged.get('reward_accuracy', 0):.2f}")
-            letters = " ".join(f"{L}:{logged[f'letter_{L}']:.2f}" for L in data.LETTERS)
-            print0(f"step {step} reward {logged['reward']:.3f} format {logged.get('reward_format', 0):.2f} "
-                   f"accuracy {logged.get('reward_accuracy', 0):.2f} kl {logged['kl']:.4f} "
-                   f"len {logged['completion_len']:.1f} spread {logged['groups_with_spread']:.2f} "
-                   f"letters {letters} {logged['step_s']:.2f}s")
+            progress.set_postfix(loss=f"{logged['loss']:.3f}")
+            print0(summary_line(logged))
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
@@ -292,6 +380,27 @@ def main():
     print0(f"held-out accuracy: base {base_accuracy:.3f} -> final {final_accuracy:.3f} "
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
     dist.destroy_process_group()
+
+
+def load_models(cfg, path: str, device) -> tuple:
+    """The policy and, only when beta > 0, a frozen reference; both sharded with FSDP2."""
+    policy = modellib.load_model(path).to(device)
+    modellib.shard(policy, bf16=cfg.dtype == "bf16")
+    reference = None
+    if cfg.beta != 0 and cfg.algo == "grpo":
+        reference = modellib.load_model(path).to(device).requires_grad_(False)
+        modellib.shard(reference, bf16=cfg.dtype == "bf16")
+    return policy, reference
+
+
+def summary_line(m: dict) -> str:
+    """The one-line summary of a step printed under the progress bar."""
+    if "reward" not in m:
+        return f"step {m['step']} loss {m['loss']:.4f} {m['step_s']:.2f}s"
+    letters = " ".join(f"{L}:{m[f'letter_{L}']:.2f}" for L in data.LETTERS)
+    return (f"step {m['step']} reward {m['reward']:.3f} format {m.get('reward_format', 0):.2f} "
+            f"accuracy {m.get('reward_accuracy', 0):.2f} kl {m['kl']:.4f} len {m['completion_len']:.1f} "
+            f"zero-std {m['zero_std_groups']:.2f} letters {letters} {m['step_s']:.2f}s")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_kl_term_vanishes_when_policy_equals_reference():
 
 def test_policy_loss_rejects_unknown_loss_type():
     with pytest.raises(ValueError):
-        policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="dr_grpo")
+        policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="ppo")
 
 
 def test_padded_tokens_get_zero_gradient_and_do_not_change_the_loss():
