@@ -113,8 +113,8 @@ def resolve(cfg: Config, world: int) -> Config:
                           ("scale_rewards", ("group", "batch", "none"))]:
         if getattr(cfg, name) not in allowed:
             raise SystemExit(f"--{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
-    if cfg.prompts_per_step // world * cfg.num_generations < cfg.minibatches:
-        raise SystemExit(f"--minibatches {cfg.minibatches} exceeds the completions per rank")
+    if cfg.minibatches > cfg.prompts_per_step:
+        raise SystemExit(f"--minibatches {cfg.minibatches} exceeds --prompts_per_step {cfg.prompts_per_step}")
     return cfg
 
 
@@ -230,8 +230,11 @@ def grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rol
     # Otherwise it is the policy that sampled, whose log-probs the sampler kept.
     on_policy = cfg.num_iterations == 1 and cfg.minibatches == 1
     metrics = []
+    # Minibatch k holds the prompts whose index in the whole step is k modulo the
+    # number of minibatches, so each update sees the same rows on any number of ranks.
+    prompt_index = rank * (N // G) + rows // G  # (rows,)
     for _ in range(cfg.num_iterations):
-        for chunk in rows.tensor_split(cfg.minibatches):
+        for chunk in [rows[prompt_index % cfg.minibatches == k] for k in range(cfg.minibatches)]:
             # A rank with no rows left still runs one forward and backward (on a row it
             # gives no weight), so every rank makes the same FSDP collective calls.
             weight = torch.ones(len(chunk) or 1, 1, device=device)

@@ -144,3 +144,66 @@ def test_padded_tokens_get_zero_gradient_and_do_not_change_the_loss():
     assert torch.equal(grads[0][pad], torch.zeros(int(pad.sum()), dtype=F64))
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+# ---- loss aggregation (issue: the GRPO family as switches)
+# With ratio 1 and beta 0 every token's term is x_{i,t} = -A_i, which keeps the
+# hand arithmetic short: sequence lengths 3, 2, 4 and A = 1, -0.5, 2.
+
+
+def test_grpo_loss_is_the_mean_of_per_sequence_means():
+    # Each sequence's mean is -A_i: (-1 + 0.5 - 2) / 3 = -2.5 / 3.
+    loss, _ = policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="grpo")
+    assert loss.item() == pytest.approx(-2.5 / 3, rel=1e-12)
+
+
+def test_dapo_loss_is_the_mean_over_all_tokens():
+    # Token sum: 3 * -1 + 2 * 0.5 + 4 * -2 = -3 + 1 - 8 = -10 over 9 tokens.
+    loss, _ = policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="dapo")
+    assert loss.item() == pytest.approx(-10 / 9, rel=1e-12)
+
+
+def test_dr_grpo_loss_divides_by_sequences_times_the_length_limit():
+    # Token sum -10 over N * T_max = 3 * 16.
+    loss, _ = policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="dr_grpo",
+                          max_completion_length=16)
+    assert loss.item() == pytest.approx(-10 / 48, rel=1e-12)
+
+
+def weight_gradient(pieces, loss_type, denominator_of):
+    """d loss / d w for logprobs = LOGPROBS + w (one shared weight per position), summed over pieces.
+
+    Each piece is (rows, share of ranks): its gradient is scaled by 1 / ranks as
+    FSDP's gradient averaging does, and its denominator comes from denominator_of.
+    """
+    w = torch.zeros(4, dtype=F64, requires_grad=True)
+    for rows, ranks in pieces:
+        logprobs = LOGPROBS[rows] + w
+        old = (LOGPROBS + 0.1 * torch.arange(3, dtype=F64).unsqueeze(1))[rows]  # ratio != 1 on rows 1, 2
+        loss, _ = policy_loss(logprobs, old, logprobs.detach() - 0.3, ADVANTAGES[rows], MASK[rows], beta=0.04,
+                              loss_type=loss_type, max_completion_length=4, denominator=denominator_of(ranks))
+        (loss / ranks).backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("loss_type, whole_count", [("dapo", 9), ("grpo", 3), ("dr_grpo", 3 * 4)])
+def test_gradient_does_not_depend_on_how_the_batch_is_split(loss_type, whole_count):
+    whole = weight_gradient([([0, 1, 2], 1)], loss_type, lambda ranks: whole_count)
+    # Two micro-batches on one rank: both pass the whole step's count.
+    micro = weight_gradient([([0, 1], 1), ([2], 1)], loss_type, lambda ranks: whole_count)
+    # Two ranks: each passes count / 2, and the gradients are averaged.
+    ranks = weight_gradient([([0, 2], 2), ([1], 2)], loss_type, lambda ranks: whole_count / ranks)
+    torch.testing.assert_close(micro, whole, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(ranks, whole, rtol=1e-12, atol=1e-15)
+    assert whole.abs().sum() > 0
+
+
+def test_clip_fractions_count_each_side_separately():
+    # Ratios by row: 1.5 with A > 0 (clipped high), 0.5 with A < 0 (clipped low), 1 (not clipped).
+    logprobs = torch.zeros(3, 2, dtype=F64)
+    old = -torch.tensor([[math.log(1.5)] * 2, [math.log(0.5)] * 2, [0.0] * 2], dtype=F64)
+    _, metrics = policy_loss(logprobs, old, None, torch.tensor([1.0, -1.0, 1.0], dtype=F64),
+                             torch.ones(3, 2), beta=0.0, eps_low=0.2, eps_high=0.28)
+    assert metrics["clip_frac_high"] == pytest.approx(2 / 6)
+    assert metrics["clip_frac_low"] == pytest.approx(2 / 6)
+    assert metrics["ratio_min"] == pytest.approx(0.5) and metrics["ratio_max"] == pytest.approx(1.5)

@@ -31,14 +31,19 @@ def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_like_one(tiny_path, tmp_path):
+SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2", "--minibatches", "2",
+            "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2"]
+
+
+@pytest.mark.parametrize("switches", [[], SWITCHES], ids=["medr1", "dapo-and-friends"])
+def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
     """Same prompts, same samples, same losses and weights: FSDP2 over gloo changes nothing."""
     # lr 1e-4: Adam turns rounding noise in near-zero gradients into steps of up to
     # lr size, so a smaller lr keeps that noise under 1e-5 while a real difference
     # in the gradients (a wrong image, a group split over ranks) still shows.
     for nproc in (1, 2):
-        run(["train.py", "--steps", "3", "--lr", "1e-4", "--output_dir", str(tmp_path / f"ranks{nproc}"), *SMALL],
-            nproc)
+        run(["train.py", "--steps", "3", "--lr", "1e-4", "--output_dir", str(tmp_path / f"ranks{nproc}"), *SMALL,
+             *switches], nproc)
     one, two = metrics(tmp_path / "ranks1"), metrics(tmp_path / "ranks2")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
@@ -85,3 +90,116 @@ def test_flag_with_a_bad_value_is_refused():
 def test_prompts_must_split_evenly_over_ranks():
     with pytest.raises(SystemExit, match="multiple of the 3 ranks"):
         train.resolve(train.Config(prompts_per_step=4), world=3)
+
+
+# ---- the GRPO switches, on the real update step with the tiny model
+
+
+@pytest.fixture
+def step_inputs(tiny, modality_split, single_process_group):
+    """A sharded tiny policy, its optimizer, 2 prompts and a G=4 rollout of them."""
+    import data
+    import model as modellib
+
+    model, processor = tiny
+    modellib.shard(model, bf16=False)
+    samples = modality_split[0][:2]
+    prompts = data.collate(samples, processor, "think-after")
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    rollout = modellib.sample(model, prompts, 4, 12, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    return model, optimizer, schedule, prompts, samples, rollout
+
+
+def grpo_step(step_inputs, rewards_by_row, **config):
+    model, optimizer, schedule, prompts, samples, rollout = step_inputs
+    cfg = train.Config(num_generations=4, beta=0.0, **config)
+    reward_table = torch.tensor(rewards_by_row, dtype=torch.float32).unsqueeze(1)  # (8, 1)
+    return train.grpo_step(cfg, model, None, optimizer, schedule, prompts, samples, rollout, reward_table)
+
+
+def test_zero_std_groups_are_reported_and_with_the_filter_not_computed(step_inputs, monkeypatch):
+    import model as modellib
+
+    rows_computed = []
+    real = modellib.token_logprobs
+    monkeypatch.setattr(modellib, "token_logprobs",
+                        lambda model, prompts, ids, *args, **kw: rows_computed.append(len(ids)) or
+                        real(model, prompts, ids, *args, **kw))
+    # Group 0 (rows 0-3) is all equal; group 1 has a spread.
+    metrics = grpo_step(step_inputs, [1, 1, 1, 1, 0, 1, 0, 1], filter_zero_std=True)
+    assert metrics["zero_std_groups"] == 0.5 and metrics["trained_rows"] == 0.5
+    assert rows_computed == [4]
+    rows_computed.clear()
+    metrics = grpo_step(step_inputs, [1, 1, 1, 1, 0, 1, 0, 1])
+    assert metrics["zero_std_groups"] == 0.5 and rows_computed == [8]
+
+
+def test_with_several_updates_per_rollout_the_ratio_departs_from_one_and_clips(step_inputs):
+    on_policy = grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1])
+    assert on_policy["ratio_min"] == on_policy["ratio_max"] == 1.0 and on_policy["clip_frac"] == 0
+    # Two passes over two minibatches: every update after the first sees a moved policy.
+    several = grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1], num_iterations=2, minibatches=2,
+                        eps_low=0.001, eps_high=0.001)
+    assert several["ratio_max"] > 1.001 or several["ratio_min"] < 0.999
+    assert several["clip_frac"] > 0
+
+
+def test_mask_truncated_gives_truncated_completions_no_loss(step_inputs, monkeypatch):
+    import grpo
+
+    model, optimizer, schedule, prompts, samples, rollout = step_inputs
+    rollout.truncated[:] = torch.tensor([True, False] * 4)
+    masks = []
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda *args, **kw: masks.append(args[4]) or real(*args, **kw))
+    grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1], mask_truncated=True)
+    assert masks[0][0::2].sum() == 0 and (masks[0][1::2].sum(dim=1) > 0).all()
+
+
+def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_process_group):
+    import model as modellib
+
+    loaded = []
+    real = modellib.load_model
+    monkeypatch.setattr(modellib, "load_model", lambda path: loaded.append(path) or real(path))
+    policy, reference = train.load_models(train.Config(beta=0.0), str(tiny_path), torch.device("cpu"))
+    assert reference is None and len(loaded) == 1
+    policy, reference = train.load_models(train.Config(beta=0.04), str(tiny_path), torch.device("cpu"))
+    assert reference is not None and len(loaded) == 3
+    assert not any(p.requires_grad for p in reference.parameters())
+
+
+def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split):
+    """Oracle: the full forward's logits, log-softmax, picked at the target positions by hand."""
+    import data
+    import model as modellib
+
+    model, processor = tiny
+    samples = modality_split[0][:3]
+    prompts = data.collate(samples, processor, "no-think")
+    targets = ["<answer>A</answer>", "<answer>B</answer><think>long one</think>", "<answer>C</answer>"]
+    loss = modellib.sft_loss(model, processor.tokenizer, prompts, targets)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    nll, count = 0.0, 0
+    for i, text in enumerate(targets):
+        target = processor.tokenizer(text)["input_ids"] + [end]
+        row = data.select_rows(prompts, torch.tensor([i]))
+        keep = row.attention_mask[0].bool()  # drop this row's left padding
+        ids = torch.cat([row.input_ids[0][keep], torch.tensor(target)]).unsqueeze(0)
+        one = data.PromptBatch(ids, torch.ones_like(ids), torch.nn.functional.pad(row.mm_token_type_ids[0][keep],
+                               (0, len(target))).unsqueeze(0), row.pixel_values, row.image_grid_thw)
+        with torch.no_grad():
+            logits = model(**vars(one)).logits[0].log_softmax(-1)
+        P = int(keep.sum())
+        nll -= sum(logits[P - 1 + t, token].item() for t, token in enumerate(target))
+        count += len(target)
+    assert loss.item() == pytest.approx(nll / count, rel=1e-4)
+
+
+def test_sft_baseline_raises_held_out_accuracy_above_the_base(tiny_path, tmp_path):
+    out = run(["train.py", "--algo", "sft", "--steps", "60", "--output_dir", str(tmp_path), "--eval_every", "0",
+               "--eval_size", "64"])
+    base, final = [float(x) for x in out.split("held-out accuracy: base ")[1].split(" (")[0].split(" -> final ")]
+    assert final > base + 0.2, out[-500:]
