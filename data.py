@@ -55,6 +55,15 @@ PROMPTS = {
     "no-think": "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
     "<answer>...</answer> tags. 2. No extra information or text outside of this tag.",
 }
+# Med-R1's released evaluation wordings (they differ from its training templates);
+# eval.py --prompt_mode takes these too, to reproduce the paper's numbers exactly.
+EVAL_PROMPTS = {
+    "medr1-eval-think": "{problem} Think through the question step by step in <think>...</think> tags. "
+    "Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags.",
+    "medr1-eval-no-think": "{problem} Provide the correct single-letter choice (A, B, C, D,...) inside "
+    "<answer>...</answer> tags.",
+    "zero-shot": "{problem} Provide the correct single-letter choice (A, B, C, D,...).",
+}
 
 
 def problem_text(sample: dict) -> str:
@@ -65,7 +74,7 @@ def problem_text(sample: dict) -> str:
 
 def build_prompt(sample: dict, mode: str) -> str:
     """The user text (after the image) for a prompt mode."""
-    return PROMPTS[mode].format(problem=problem_text(sample))
+    return (PROMPTS | EVAL_PROMPTS)[mode].format(problem=problem_text(sample))
 
 
 # ---------------------------------------------------------------- loading

@@ -1,16 +1,26 @@
-"""Greedy evaluation: accuracy per modality and overall, and the parse-failure rate.
+"""Greedy evaluation and the paper's tables.
 
-    python eval.py --checkpoint runs/tiny/final
-    torchrun --nproc_per_node 2 eval.py --checkpoint runs/tiny/final
+    python eval.py                                   # the tiny default's checkpoint on its held-out questions
+    torchrun --nproc_per_node 8 eval.py --checkpoints runs/ct/final,runs/mri/final,... \
+        --split_files "splits/CT(Computed Tomography)_test.json,..." --data /data/OmniMedVQA
 
-With no --data it evaluates on the held-out side of the synthetic dataset the
-tiny default trains on. Results are printed as a table and written as JSON
-beside the checkpoint. Reuses the sampler (model.sample) and the extractor
-(rewards.extract_choice); nothing here is a copy of them.
+One checkpoint gives a row of accuracies, one column per test set, and their
+unweighted mean (the paper's "average accuracy"); several checkpoints give the
+cross-modality (or question-type) matrix: trained on the row, tested on the
+column. A "random guess" row gives each test set's exact chance accuracy.
+Tables are printed as markdown and written as .md, .csv and (with matplotlib)
+a heatmap .png; each checkpoint's results also go to eval_results.json beside it.
+
+Accuracy is reported two ways: our extractor (rewards.extract_choice) and
+Med-R1's released rule (rewards.medr1_strict_choice), plus the rate of
+answers that could not be parsed. Reuses the sampler and the extractors;
+nothing here is a copy of them.
 """
 
+import csv
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,78 +35,182 @@ import train
 
 @torch.no_grad()
 def evaluate(model, processor, samples: list[dict], mode: str, device, batch_size: int = 64,
-             max_new_tokens: int = 64, image_size: int | None = None) -> dict:
-    """Greedy accuracy over samples, sharded over ranks; every rank gets the same result dict.
+             max_new_tokens: int = 64, image_size: int | None = None, stop_at_answer: bool = True) -> list[dict]:
+    """Greedy answers to samples, sharded over ranks; every rank gets every sample's result, in order.
 
-    Every rank runs the same number of batches, so FSDP's collectives stay in step.
+    Every rank runs the same number of batches, so FSDP's collectives stay in
+    step. With stop_at_answer a row stops at its first </answer>: the answer is
+    all accuracy needs, and think-after's rationale comes after it.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(samples), world))  # (about len / world,) sample indices
     n_batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
     banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
+    stop = answer_closed(processor.tokenizer) if stop_at_answer else None
     results = []
     for b in range(n_batches):
         indices = mine[b * batch_size:(b + 1) * batch_size]
         # A rank with nothing left still steps the model once per batch, on a sample it then ignores.
         prompts = data.collate([samples[i] for i in indices or [0]], processor, mode, image_size).to(device)
-        rollout = modellib.sample(model, prompts, 1, max_new_tokens, end_ids, banned, temperature=0.0)
+        rollout = modellib.sample(model, prompts, 1, max_new_tokens, end_ids, banned, temperature=0.0, stop=stop)
         for i, text in zip(indices, modellib.decode(processor.tokenizer, rollout)):
-            choice = rewards.extract_choice(text, samples[i]["options"])
-            results.append({"id": samples[i]["id"], "modality": samples[i]["modality"],
-                            "choice": choice, "correct": choice == samples[i]["answer"]})
+            sample = samples[i]
+            choice = rewards.extract_choice(text, sample["options"])
+            think = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
+            results.append({"index": i, "id": sample["id"], "choice": choice, "correct": choice == sample["answer"],
+                            "strict_correct": rewards.medr1_strict_choice(text) == sample["answer"],
+                            "rationale_chars": len(think.group(1)) if think else 0})
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
-    return summarize([r for part in everyone for r in part])
+    return sorted((r for part in everyone for r in part), key=lambda r: r["index"])
+
+
+def answer_closed(tokenizer):
+    """A stop rule for the sampler: rows whose last few tokens spell </answer> are done."""
+    def stop(tokens: torch.Tensor) -> torch.Tensor:
+        tails = tokenizer.batch_decode(tokens[:, -8:])
+        return torch.tensor(["</answer>" in tail for tail in tails], device=tokens.device)
+    return stop
 
 
 def summarize(results: list[dict]) -> dict:
-    """Accuracy per modality and overall (pooled over questions), and the parse-failure rate."""
-    by_modality = {}
-    for r in results:
-        by_modality.setdefault(r["modality"], []).append(r["correct"])
+    """Accuracy (ours and Med-R1's strict rule) and the parse-failure rate of a list of results."""
+    n = max(len(results), 1)
     return {
-        "accuracy": sum(r["correct"] for r in results) / max(len(results), 1),
-        "parse_failures": sum(r["choice"] is None for r in results) / max(len(results), 1),
+        "accuracy": sum(r["correct"] for r in results) / n,
+        "accuracy_medr1_strict": sum(r["strict_correct"] for r in results) / n,
+        "parse_failures": sum(r["choice"] is None for r in results) / n,
+        "rationale_chars": sum(r["rationale_chars"] for r in results) / n,
         "questions": len(results),
-        "per_modality": {m: sum(c) / len(c) for m, c in sorted(by_modality.items())},
     }
 
 
-def table(summary: dict) -> str:
-    """A markdown table of one evaluation."""
-    rows = [f"| {m} | {acc * 100:.1f} |" for m, acc in summary["per_modality"].items()]
-    return "\n".join(["| modality | accuracy % |", "|---|---|", *rows,
-                      f"| **overall** ({summary['questions']} questions) | **{summary['accuracy'] * 100:.1f}** |",
-                      f"\nanswers that could not be parsed: {summary['parse_failures'] * 100:.1f}%"])
+def matrix_markdown(rows: dict, columns: list[str], key: str) -> str:
+    """rows: name -> {column: summary}; one markdown table of summary[key] in percent, with the mean."""
+    lines = ["| trained on \\ tested on | " + " | ".join(columns) + " | average |",
+             "|---" * (len(columns) + 2) + "|"]
+    for name, by_column in rows.items():
+        values = [by_column[c][key] * 100 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: dict, columns: list[str], folder: Path) -> None:
+    """The accuracy matrix as .md and .csv, and as a heatmap .png when matplotlib is installed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown = "\n\n".join(f"### {key}\n\n" + matrix_markdown(rows, columns, key)
+                           for key in ("accuracy", "accuracy_medr1_strict", "parse_failures"))
+    (folder / "accuracy.md").write_text(markdown + "\n")
+    with open(folder / "accuracy.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trained_on", *columns, "average"])
+        for name, by_column in rows.items():
+            values = [by_column[c]["accuracy"] * 100 for c in columns]
+            writer.writerow([name, *[f"{v:.2f}" for v in values], f"{sum(values) / len(values):.2f}"])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping accuracy.png (pip install matplotlib)")
+        return
+    values = [[rows[name][c]["accuracy"] * 100 for c in columns] for name in rows]
+    fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.6 * len(rows) + 2))
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), list(rows))
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 60 else "black")
+    ax.set_xlabel("tested on")
+    ax.set_ylabel("trained on")
+    fig.colorbar(image, label="accuracy %")
+    fig.tight_layout()
+    fig.savefig(folder / "accuracy.png", dpi=120)
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: str = "runs/tiny/final"  # a Hugging Face folder saved by train.py (or a base model folder)
-    data: str = ""  # OmniMedVQA root; empty = the synthetic dataset in cache_dir
+    checkpoints: str = "runs/tiny/final"  # comma-separated model folders; several make a matrix, one row each
+    split_files: str = ""  # comma-separated Med-R1 split files, one column each; empty = the held-out side of --data
+    data: str = ""  # OmniMedVQA root (images of the split files too); empty = the synthetic data in cache_dir
     cache_dir: str = ".cache"  # where the synthetic dataset lives
     modalities: str = ""  # comma-separated Med-R1 modality names; empty = all
     question_types: str = ""  # comma-separated; empty = all (Modality Recognition for the synthetic data)
-    prompt_mode: str = "think-after"  # think-after, think-before or no-think: use the training one
+    columns: str = "modality"  # without split files, one column per modality or per question_type
+    prompt_mode: str = ""  # empty = the checkpoint's training mode; also medr1-eval-think, medr1-eval-no-think, zero-shot
+    full_rationale: bool = False  # decode past </answer> and report the rationale length
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep size
+    max_pixels: int = 0  # pixel budget per image after resizing; 0 = the processor's own (Med-R1: 401408)
     batch_size: int = 64  # prompts per greedy batch on each rank
-    max_new_tokens: int = 64  # greedy decoding stops here or at an end token
-    max_samples: int = 0  # evaluate on the first N test questions; 0 = all
+    max_new_tokens: int = 256  # greedy decoding stops here, at an end token, or at </answer>
+    max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
+    output: str = ""  # folder for accuracy.md/.csv/.png; empty = beside the first checkpoint
+
+
+def test_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
+    """Column name -> samples: one per split file, or the held-out split grouped by modality or question type."""
+    root = train.dataset_root(cfg)
+    if cfg.split_files:
+        sets = {}
+        for path in cfg.split_files.split(","):
+            samples = data.load_medr1_split(path, image_root=root)
+            sets[samples[0]["modality"] or samples[0]["question_type"]] = samples
+    else:
+        sets = {}
+        for sample in train.load_split(cfg, root, "test"):
+            sets.setdefault(sample["modality"] if cfg.columns == "modality" else sample["question_type"], []).append(sample)
+    return {name: samples[:cfg.max_samples or None] for name, samples in sorted(sets.items())}
+
+
+def row_name(checkpoint: Path) -> str:
+    """What a checkpoint was trained on, from its train_config.json, else its folder name."""
+    config_file = checkpoint / "train_config.json"
+    if config_file.exists():
+        config = json.loads(config_file.read_text())
+        return config.get("modalities") or config.get("question_types") or checkpoint.parent.name
+    return checkpoint.name
 
 
 def main():
     cfg = train.parse_args(EvalConfig)
     device = train.setup_distributed()
-    samples = train.load_split(cfg, train.dataset_root(cfg), "test")[:cfg.max_samples or None]
-    processor = modellib.Processor.from_pretrained(cfg.checkpoint)
-    model = modellib.load_model(cfg.checkpoint).to(device)
-    modellib.shard(model, bf16=device.type == "cuda")
-    summary = evaluate(model, processor, samples, cfg.prompt_mode, device, cfg.batch_size, cfg.max_new_tokens,
-                       cfg.image_size or None)
+    sets = test_sets(cfg)
+    columns = list(sets)
+    everything = [s for samples in sets.values() for s in samples]
+    rows = {"random guess": {c: {"accuracy": data.random_guess_accuracy(sets[c]), "accuracy_medr1_strict":
+                                 data.random_guess_accuracy(sets[c]), "parse_failures": 0.0} for c in columns}}
+    for checkpoint in map(Path, cfg.checkpoints.split(",")):
+        trained = checkpoint / "train_config.json"
+        mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists() else
+                                   "think-after")
+        processor = modellib.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
+        train.print0(f"{checkpoint}: prompt mode {mode}, "
+                     f"{modellib.visual_tokens(processor, cfg.image_size or None)} visual tokens per image")
+        model = modellib.load_model(checkpoint).to(device)
+        modellib.shard(model, bf16=device.type == "cuda")
+        results = evaluate(model, processor, everything, mode, device, cfg.batch_size, cfg.max_new_tokens,
+                           cfg.image_size or None, stop_at_answer=not cfg.full_rationale)
+        by_column, start = {}, 0
+        for column in columns:
+            by_column[column] = summarize(results[start:start + len(sets[column])])
+            start += len(sets[column])
+        rows[row_name(checkpoint)] = by_column
+        if dist.get_rank() == 0:
+            overall = {"mean_over_test_sets": sum(s["accuracy"] for s in by_column.values()) / len(columns),
+                       "prompt_mode": mode, **summarize(results)}
+            (checkpoint / "eval_results.json").write_text(json.dumps({"overall": overall, "per_test_set": by_column},
+                                                                     indent=1))
+        del model
     if dist.get_rank() == 0:
-        print(table(summary))
-        (Path(cfg.checkpoint) / "eval_results.json").write_text(json.dumps(summary, indent=1))
+        for key in ("accuracy", "accuracy_medr1_strict", "parse_failures"):
+            print(f"\n{key} (%)\n" + matrix_markdown(rows, columns, key))
+        if cfg.full_rationale:
+            print("\nmean rationale length (characters): " + ", ".join(
+                f"{name} {sum(s['rationale_chars'] for s in by.values()) / len(by):.0f}"
+                for name, by in rows.items() if name != "random guess"))
+        write_tables(rows, columns, Path(cfg.output or Path(cfg.checkpoints.split(",")[0])))
     dist.destroy_process_group()
 
 

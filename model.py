@@ -6,13 +6,15 @@ T completion tokens, V vocabulary.
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -96,6 +98,18 @@ def end_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def visual_tokens(processor: Processor, image_size: int | None) -> int:
+    """How many <|image_pad|> tokens one image of image_size x image_size becomes (Med-R1's 384: 196).
+
+    Run once at start-up so the log shows the image budget the processor really applies.
+    """
+    from PIL import Image
+
+    image = Image.new("RGB", (image_size or 448, image_size or 448))
+    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    return int(grid.prod()) // processor.image_processor.merge_size ** 2
+
+
 def load_model(path, dtype=torch.float32):
     """A Qwen2-VL or Qwen2.5-VL model from a local Hugging Face folder; nothing is downloaded."""
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -169,7 +183,10 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     samples, _ = data.split_by_image(data.load_omnimedvqa(dataset_root))
-    processor = Processor(train_tokenizer(samples), Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56))
+    # max_pixels 64 * 64, not 56 * 56: smart_resize floors, so any square image then becomes
+    # 56 x 56 pixels, 4 x 4 patches, 4 visual tokens.
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 64)
+    processor = Processor(train_tokenizer(samples), image_processor)
     model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     for _ in range(warmup_steps):
@@ -241,7 +258,8 @@ def prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_
 @torch.no_grad()
 def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: int, end_ids: list[int],
            banned_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, rows: tuple[int, int] | None = None) -> Rollout:
+           generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+           stop=None) -> Rollout:
     """G completions per prompt from one prefill per prompt; temperature 0 is greedy.
 
     The prompt and its image are encoded once, then the KV cache is repeated G
@@ -252,6 +270,7 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
     rows = (first row of this rank, rows on all ranks): every rank draws the
     numbers for all rows from the same CPU generator and keeps its own, so the
     completions do not depend on how the prompts are split over ranks.
+    stop(tokens (N, t)) -> (N,) bool may end rows early (e.g. at "</answer>").
     """
     G, device = group_size, prompts.input_ids.device
     positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
@@ -292,6 +311,8 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
         logprobs.append(logprob)
         masks.append(~finished)
         finished = finished | torch.isin(token, end_ids)
+        if stop is not None:
+            finished = finished | stop(torch.stack(tokens, dim=1))
         done = bool(finished.all()) if not dist.is_initialized() else all_ranks(bool(finished.all()), device)
         if done or t == max_new_tokens - 1:
             break
@@ -362,14 +383,37 @@ def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) ->
 # ---------------------------------------------------------------- saving
 
 
-def save_checkpoint(model, processor: Processor, folder, extra: dict) -> None:
-    """A Hugging Face folder that from_pretrained loads, gathered from FSDP2 on rank 0. Collective."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return
-    folder = Path(folder)
-    model.generation_config.use_cache = True
-    model.save_pretrained(folder, state_dict=state)
-    processor.save_pretrained(folder)
-    for name, content in extra.items():
-        (folder / name).write_text(json.dumps(content, indent=1))
+def save_checkpoint(model, processor: Processor, folder, extra: dict, optimizer=None, trainer_state=None) -> None:
+    """A Hugging Face folder that from_pretrained loads, gathered from FSDP2 on rank 0. Collective.
+
+    Written to folder.tmp and renamed into place only when complete, so a crash
+    at any moment leaves the previous checkpoint loadable. With an optimizer, the
+    full optimizer state and trainer_state (tensors, numbers, strings: loadable
+    with weights_only=True) go to trainer_state.pt for an exact resume.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+    if dist.get_rank() == 0:
+        folder = Path(folder)
+        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.generation_config.use_cache = True
+        model.save_pretrained(tmp, state_dict=state)
+        processor.save_pretrained(tmp)
+        for name, content in extra.items():
+            (tmp / name).write_text(json.dumps(content, indent=1))
+        if optimizer is not None:
+            torch.save({**trainer_state, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_trainer_state(model, optimizer, folder) -> dict:
+    """Restore the optimizer from a checkpoint's trainer_state.pt and return the rest of it."""
+    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
+    return state

@@ -27,11 +27,13 @@ LABELLED_LETTER = re.compile(r"\(?([A-Za-z])[.):]\s+\S.*", re.DOTALL)
 
 
 def extract_choice(text: str, options: dict) -> str | None:
-    """The option letter chosen in the last <answer> tag, or None if there is none or it is ambiguous."""
+    """The option letter chosen in the last <answer> tag, or None if it is ambiguous.
+
+    With no tag at all the whole completion is read by the same rules (a model
+    asked zero-shot answers "B" or "B) MRI"); prose around a letter is not.
+    """
     tags = ANSWER_TAG.findall(text)
-    if not tags:
-        return None
-    content = tags[-1].strip()
+    content = (tags[-1] if tags else text).strip()
     # A bare word such as "a" in prose never reaches here as a letter: the
     # patterns need the whole tag content to be the letter, or a labelled letter.
     match = LONE_LETTER.fullmatch(content) or LABELLED_LETTER.fullmatch(content)

@@ -13,8 +13,10 @@ Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion toke
 
 import dataclasses
 import json
+import math
 import os
 import random
+import shutil
 import sys
 import time
 import typing
@@ -38,6 +40,8 @@ class Config:
     data: str = ""  # OmniMedVQA root (QA_information/, Images/); empty = synthetic data made in cache_dir
     modalities: str = ""  # comma-separated Med-R1 modality names (CT, MRI, ...); empty = all
     question_types: str = ""  # comma-separated; empty = all (Modality Recognition for the synthetic data)
+    train_split: str = ""  # Med-R1 split file(s), comma-separated, images under --data; empty = 80/20 by image
+    test_split: str = ""  # the held-out split file(s) evaluated during training; empty = the 20% side
     prompt_mode: str = "think-after"  # think-after (answer, then rationale), think-before or no-think
     rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
     algo: str = "grpo"  # grpo, or sft: supervised on the gold answer tag (the paper's baseline)
@@ -72,7 +76,10 @@ class Config:
     cache_dir: str = ".cache"  # the tiny model and synthetic data are built here once
     eval_every: int = 100  # evaluate on held-out questions every N steps (0 = only before and after)
     eval_size: int = 320  # held-out questions per evaluation (0 = all)
-    save_every: int = 0  # save a checkpoint every N steps (0 = only at the end)
+    save_every: int = 100  # save a resumable checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2  # keep the newest K step-N checkpoints (final is always kept)
+    resume: str = ""  # auto = the newest step-N in output_dir (if any); or a checkpoint folder
+    max_skipped_steps: int = 5  # a non-finite loss or gradient skips the update; this many in a row stop the run
     seed: int = 0  # data order, sampling and the tiny model's build
 
 
@@ -161,23 +168,38 @@ def model_path(cfg, root: str) -> str:
     return str(folder)
 
 
-def load_split(cfg, root: str, side: str) -> list[dict]:
-    """The train or test side of the dataset after the modality and question-type filters.
+def load_split(cfg, root: str, side: str, split_files: str = "") -> list[dict]:
+    """The train or test side: Med-R1 split files if given, else a fixed 80/20 split by image; then filtered.
 
     The synthetic data defaults to its Modality Recognition questions: the task
     the tiny model learns in minutes.
     """
-    question_types = cfg.question_types or ("" if cfg.data else "Modality Recognition")
-    samples = data.load_omnimedvqa(root, [m for m in cfg.modalities.split(",") if m],
-                                   [q for q in question_types.split(",") if q])
-    train_samples, test_samples = data.split_by_image(samples)
+    modalities = [m for m in cfg.modalities.split(",") if m]
+    question_types = [q for q in (cfg.question_types or ("" if cfg.data else "Modality Recognition")).split(",") if q]
+    if split_files:
+        samples = [s for f in split_files.split(",") for s in data.load_medr1_split(f, image_root=root)]
+        samples = [s for s in samples if (not modalities or s["modality"] in modalities)
+                   and (not question_types or s["question_type"] in question_types)]
+        if not samples:
+            raise data.DataError(f"no samples in {split_files} for modalities={modalities}, "
+                                 f"question_types={question_types}")
+        return samples
+    train_samples, test_samples = data.split_by_image(data.load_omnimedvqa(root, modalities, question_types))
     return train_samples if side == "train" else test_samples
 
 
 def score(texts: list[str], samples: list[dict], names: list[str]) -> torch.Tensor:
     """Rewards (N, R): one column per reward function, rows in completion order."""
-    return torch.tensor([[rewards.REWARDS[name](text, sample) for name in names]
-                         for text, sample in zip(texts, samples)])
+    table = []
+    for text, sample in zip(texts, samples):
+        row = []
+        for name in names:
+            try:
+                row.append(float(rewards.REWARDS[name](text, sample)))
+            except Exception as error:
+                raise RuntimeError(f"reward {name!r} failed on sample {sample['id']!r}: {error!r}") from error
+        table.append(row)
+    return torch.tensor(table)
 
 
 def mean_over_ranks(values: dict) -> dict:
@@ -223,8 +245,12 @@ def grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rol
     ids, device = rollout.completion_ids, rollout.completion_ids.device
     ref_logprobs = None
     if reference is not None:
+        # Only the rows that train; a rank with none still runs the reference once (FSDP collectives).
+        ref_rows = rows if len(rows) else rows.new_zeros(1)
+        ref_logprobs = torch.zeros_like(rollout.logprobs)  # (N, T)
         with torch.no_grad():
-            ref_logprobs = modellib.token_logprobs(reference, expanded, ids, mask, cfg.temperature)  # (N, T)
+            ref_logprobs[ref_rows] = modellib.token_logprobs(reference, data.select_rows(expanded, ref_rows),
+                                                             ids[ref_rows], mask[ref_rows], cfg.temperature)
 
     # With one update per rollout the old policy is the current one: ratio exactly 1.
     # Otherwise it is the policy that sampled, whose log-probs the sampler kept.
@@ -263,11 +289,16 @@ def grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rol
 
 
 def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
-    """Backward, clip, step, schedule; returns the gradient norm before clipping."""
+    """Backward, clip, step, schedule; returns the gradient norm before clipping.
+
+    A non-finite loss or gradient skips the update (the caller counts it). The
+    norm is over all ranks' shards, so every rank skips alike.
+    """
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    optimizer.step()
+    if torch.isfinite(grad_norm):
+        optimizer.step()
     schedule.step()
     return grad_norm.item()
 
@@ -290,11 +321,14 @@ def main():
     print0("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
-    # ---- model, reference, processor
+    # ---- model, reference, processor (the reference is always the base, also on resume)
     root = dataset_root(cfg)
     path = model_path(cfg, root)
+    out = Path(cfg.output_dir)
+    resume_from = resume_folder(cfg, out)
     processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
-    policy, reference = load_models(cfg, path, device)
+    print0(f"{modellib.visual_tokens(processor, cfg.image_size or None)} visual tokens per image")
+    policy, reference = load_models(cfg, path, device, policy_path=resume_from)
     end_ids = modellib.end_token_ids(policy, processor.tokenizer)
     banned_ids = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
@@ -302,30 +336,47 @@ def main():
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / (cfg.steps * updates_per_step))
 
     # ---- data: every rank walks the same shuffled order and takes its slice of each step's prompts
-    train_samples = [dict(s, mode=cfg.prompt_mode) for s in load_split(cfg, root, "train")]
-    held_out = load_split(cfg, root, "test")
+    train_samples = [dict(s, mode=cfg.prompt_mode) for s in load_split(cfg, root, "train", cfg.train_split)]
+    held_out = load_split(cfg, root, "test", cfg.test_split)
     random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
     held_out = held_out[:cfg.eval_size or None]
     print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    order = []
+    order, start_step, base_accuracy, skipped_in_a_row = [], 0, None, 0
+    if resume_from:
+        state = modellib.load_trainer_state(policy, optimizer, resume_from)
+        schedule.load_state_dict(state["schedule"])
+        order_rng.set_state(state["order_rng"])
+        sampling_rng.set_state(state["sampling_rng"])
+        order, start_step, base_accuracy = state["order"].tolist(), state["step"], state["base_accuracy"]
+        print0(f"resumed from {resume_from} at step {start_step}" + (
+            "" if state["world"] == world else
+            f" (saved on {state['world']} ranks, now {world}: correct, but not bit-exact)"))
     B, G = cfg.prompts_per_step // world, cfg.num_generations
     reward_names = cfg.rewards.split(",")
     image_size = cfg.image_size or None
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
 
+    def save(step: int, folder: Path) -> None:
+        state = {"step": step, "schedule": schedule.state_dict(), "order": torch.tensor(order, dtype=torch.long),
+                 "order_rng": order_rng.get_state(), "sampling_rng": sampling_rng.get_state(),
+                 "base_accuracy": base_accuracy, "world": world}
+        modellib.save_checkpoint(policy, processor, folder, {"train_config.json": dataclasses.asdict(cfg)},
+                                 optimizer, state)
+
     def run_eval(step: int) -> float:
-        summary = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
-                                      max_new_tokens=cfg.max_new_tokens, image_size=image_size)
+        summary = evaluation.summarize(evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
+                                                           max_new_tokens=cfg.max_new_tokens, image_size=image_size))
         print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} "
                f"({summary['questions']} questions, parse failures {summary['parse_failures']:.3f})")
         return summary["accuracy"]
 
-    base_accuracy = run_eval(0)
-    progress = tqdm(range(1, cfg.steps + 1), disable=rank != 0, desc=cfg.algo)
+    if base_accuracy is None:
+        base_accuracy = run_eval(0)
+    progress = tqdm(range(start_step + 1, cfg.steps + 1), disable=rank != 0, desc=cfg.algo,
+                    initial=start_step, total=cfg.steps)
     for step in progress:
         t0 = time.time()
         while len(order) < cfg.prompts_per_step:
@@ -367,6 +418,12 @@ def main():
         # ---- log
         logged = {"step": step, **mean_over_ranks(local), "lr": schedule.get_last_lr()[0],
                   "rollout_s": t_rollout, "step_s": time.time() - t0}
+        skipped_in_a_row = 0 if math.isfinite(logged["grad_norm"]) else skipped_in_a_row + 1
+        if skipped_in_a_row:
+            print0(f"step {step}: non-finite loss or gradient, update skipped ({skipped_in_a_row} in a row)")
+        if skipped_in_a_row >= cfg.max_skipped_steps:
+            raise SystemExit(f"{skipped_in_a_row} non-finite updates in a row at step {step}: lower --lr, or "
+                             "look at the last lines of metrics.jsonl and rollouts.jsonl")
         if rank == 0:
             metrics_file.write(json.dumps(logged) + "\n")
             metrics_file.flush()
@@ -374,9 +431,11 @@ def main():
             print0(summary_line(logged))
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             run_eval(step)
-        if cfg.save_every and step % cfg.save_every == 0:
-            modellib.save_checkpoint(policy, processor, out / f"step-{step}",
-                                     {"train_config.json": dataclasses.asdict(cfg)})
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            save(step, out / f"step-{step}")
+            if rank == 0:
+                for old in step_checkpoints(out)[:-cfg.keep_checkpoints or None]:
+                    shutil.rmtree(old)
 
     final_accuracy = run_eval(cfg.steps)
     modellib.save_checkpoint(policy, processor, out / "final", {"train_config.json": dataclasses.asdict(cfg)})
@@ -385,9 +444,25 @@ def main():
     dist.destroy_process_group()
 
 
-def load_models(cfg, path: str, device) -> tuple:
-    """The policy and, only when beta > 0, a frozen reference; both sharded with FSDP2."""
-    policy = modellib.load_model(path).to(device)
+def step_checkpoints(out: Path) -> list[Path]:
+    """The complete step-N checkpoints in out, oldest first (a .tmp folder is an unfinished save)."""
+    return sorted((p for p in out.glob("step-*") if p.name.removeprefix("step-").isdigit()),
+                  key=lambda p: int(p.name.removeprefix("step-")))
+
+
+def resume_folder(cfg, out: Path) -> str | None:
+    """The checkpoint to resume from: --resume PATH, or with auto the newest step-N (None: start fresh)."""
+    if cfg.resume == "auto":
+        found = step_checkpoints(out)
+        return str(found[-1]) if found else None
+    if cfg.resume and not (Path(cfg.resume) / "trainer_state.pt").exists():
+        raise SystemExit(f"--resume {cfg.resume}: no trainer_state.pt there; pass a step-N folder or auto")
+    return cfg.resume or None
+
+
+def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple:
+    """The policy (from policy_path when resuming) and, only when beta > 0, a frozen reference from path."""
+    policy = modellib.load_model(policy_path or path).to(device)
     modellib.shard(policy, bf16=cfg.dtype == "bf16")
     reference = None
     if cfg.beta != 0 and cfg.algo == "grpo":

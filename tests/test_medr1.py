@@ -161,9 +161,9 @@ STRICT_TABLE = [
     ("<answer>c</answer>", "c", "C"),
     ("<answer>C) X-Ray</answer>", "C) X-Ray", "C"),
     ("<answer>X-Ray</answer>", "X-Ray", "C"),
-    # No tag: the whole stripped completion is compared.
-    ("C", "C", None),
-    ("  C\n", "C", None),
+    # No tag: the whole stripped completion is compared (ours reads it by the same rules as a tag's content).
+    ("C", "C", "C"),
+    ("  C\n", "C", "C"),
     ("The answer is C", "The answer is C", None),
     ("", "", None),
     # The first tag counts for Med-R1, the last for us.

@@ -65,7 +65,8 @@ def test_reward_table(completion, formats, accuracy):
         ("<answer>b) MRI</answer>", "B"),
         ("<answer>ultrasound</answer>", "D"),
         ("<answer> D. </answer>", "D"),
-        ("B", None),
+        ("B", "B"),  # no tag: the whole completion, read by the same rules
+        ("I would say B", None),
         ("<answer>A and B</answer>", None),
         ("<answer>E</answer>", None),
         ("<answer>a lesion in the lung</answer>", None),

@@ -61,10 +61,11 @@ def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
 
 def test_evaluation_is_the_same_on_two_ranks_and_any_batch_size(tiny_path, tmp_path):
     results = []
-    for nproc, batch_size in [(1, 64), (2, 8), (2, 5)]:
-        run(["eval.py", "--checkpoint", str(tiny_path), "--max_samples", "37", "--batch_size", str(batch_size)], nproc)
+    for nproc, batch_size in [(1, 64), (2, 8), (2, 3)]:
+        run(["eval.py", "--checkpoints", str(tiny_path), "--max_samples", "5", "--batch_size", str(batch_size),
+             "--output", str(tmp_path)], nproc)
         results.append(json.loads((tiny_path / "eval_results.json").read_text()))
-    assert results[0]["questions"] == 37
+    assert results[0]["overall"]["questions"] == 8 * 5
     assert results[0] == results[1] == results[2]
 
 
@@ -73,8 +74,8 @@ def test_a_few_dozen_grpo_steps_raise_the_reward(tiny_path, tmp_path):
     run(["train.py", "--steps", "30", "--modalities", "CT", "--output_dir", str(tmp_path), "--eval_every", "0",
          "--eval_size", "8"])
     accuracy = [m["reward_accuracy"] for m in metrics(tmp_path)]
-    first, last = sum(accuracy[:5]) / 5, sum(accuracy[-5:]) / 5
-    assert first < 0.5 and last > first + 0.3, (first, last)
+    base, last = accuracy[0], sum(accuracy[-5:]) / 5  # step 1's completions come from the base
+    assert base < 0.45 and last > base + 0.3, (base, last)
 
 
 def test_unknown_flag_is_refused_with_the_list_of_flags():
@@ -199,7 +200,7 @@ def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split
 
 
 def test_sft_baseline_raises_held_out_accuracy_above_the_base(tiny_path, tmp_path):
-    out = run(["train.py", "--algo", "sft", "--steps", "60", "--output_dir", str(tmp_path), "--eval_every", "0",
-               "--eval_size", "64"])
+    out = run(["train.py", "--algo", "sft", "--steps", "120", "--lr", "1e-3", "--output_dir", str(tmp_path),
+               "--eval_every", "0", "--eval_size", "64", "--save_every", "0"])
     base, final = [float(x) for x in out.split("held-out accuracy: base ")[1].split(" (")[0].split(" -> final ")]
     assert final > base + 0.2, out[-500:]
