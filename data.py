@@ -110,8 +110,12 @@ def record_to_sample(record: dict, source: str, root: Path) -> dict:
     }
 
 
-def load_omnimedvqa(root, modalities=None, question_types=None) -> list[dict]:
-    """Read every `QA_information/Open-access/*.json` under root, filtered by modality and question type."""
+def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | None = None) -> list[dict]:
+    """Read every `QA_information/Open-access/*.json` under root, filtered by modality and question type.
+
+    A bad record raises DataError; when an errors list is given, its message is
+    appended there instead and the record skipped (--skip_bad_records).
+    """
     root = Path(root)
     files = sorted((root / "QA_information" / "Open-access").glob("*.json"))
     if not files:
@@ -119,7 +123,13 @@ def load_omnimedvqa(root, modalities=None, question_types=None) -> list[dict]:
     samples = []
     for path in files:
         for record in json.loads(path.read_text()):
-            sample = record_to_sample(record, str(path), root)
+            try:
+                sample = record_to_sample(record, str(path), root)
+            except DataError as error:
+                if errors is None:
+                    raise
+                errors.append(str(error))
+                continue
             if modalities and sample["modality"] not in modalities:
                 continue
             if question_types and sample["question_type"] not in question_types:
@@ -189,6 +199,29 @@ def random_guess_accuracy(samples: list[dict]) -> float:
     return sum(1 / len(s["options"]) for s in samples) / len(samples)
 
 
+def load_splits(root, modalities: list, question_types: list, train_split: str = "", test_split: str = "",
+                errors: list | None = None) -> tuple[list[dict], list[dict]]:
+    """Train and test samples: Med-R1 split files where given, else a fixed 80/20 split by image of root.
+
+    Every image is checked once here, before training; a bad record raises
+    DataError naming it, or with an errors list is recorded there and dropped.
+    """
+    def from_files(files: str) -> list[dict]:
+        samples = [s for f in files.split(",") for s in load_medr1_split(f, image_root=root)]
+        return [s for s in samples if (not modalities or s["modality"] in modalities)
+                and (not question_types or s["question_type"] in question_types)]
+
+    train, test = [], []
+    if not (train_split and test_split):
+        train, test = split_by_image(load_omnimedvqa(root, modalities, question_types, errors))
+    train = check_images(from_files(train_split) if train_split else train, errors)
+    test = check_images(from_files(test_split) if test_split else test, errors)
+    if not train or not test:
+        raise DataError(f"no {'training' if not train else 'test'} samples in {train_split or test_split or root} "
+                        f"for modalities={modalities}, question_types={question_types}")
+    return train, test
+
+
 def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
     """A fixed 80/20-style split that keeps all questions of an image on one side.
 
@@ -214,10 +247,36 @@ def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 
 
 
 def load_image(path: str, size: int | None = None) -> Image.Image:
-    """An RGB image, resized to size x size when size is given (Med-R1 resizes to 384x384)."""
+    """An RGB image, resized to size x size when size is given (Med-R1 resizes to 384x384).
+
+    16-bit and float grayscale (common in medical PNG/TIFF) are scaled to 8 bits
+    by their own range; palette, CMYK, RGBA and the rest convert as PIL does.
+    """
     with Image.open(path) as image:
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            pixels = np.asarray(image, dtype=np.float64)
+            low, high = pixels.min(), pixels.max()
+            image = Image.fromarray(np.uint8(255 * (pixels - low) / max(high - low, 1e-12)))
         image = image.convert("RGB")
     return image.resize((size, size), Image.BICUBIC) if size else image
+
+
+def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
+    """Open every image's header once, before training: a missing or unreadable file raises DataError
+    naming the record (or, with an errors list, is recorded there and its samples dropped)."""
+    bad = {}
+    for sample in samples:
+        if sample["image"] in bad:
+            continue
+        try:
+            with Image.open(sample["image"]) as image:
+                image.verify()  # reads the file's structure (PNG checksums), without decoding pixels
+        except Exception as error:
+            bad[sample["image"]] = f"record {sample['id']!r}: image {sample['image']}: {error}"
+            if errors is None:
+                raise DataError(bad[sample["image"]] + "; fix or remove it, or pass --skip_bad_records true")
+            errors.append(bad[sample["image"]])
+    return [s for s in samples if s["image"] not in bad]
 
 
 # ---------------------------------------------------------------- collation
@@ -242,7 +301,12 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
     messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s, mode)}]}]
                 for s in samples]
     texts = [processor.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-    images = [load_image(s["image"], image_size) for s in samples]
+    images = []
+    for s in samples:
+        try:
+            images.append(load_image(s["image"], image_size))
+        except Exception as error:  # e.g. a JPEG truncated after a valid header
+            raise DataError(f"record {s['id']!r}: image {s['image']} cannot be decoded: {error}") from error
     return PromptBatch(**processor(texts, images))
 
 

@@ -147,6 +147,7 @@ class EvalConfig:
     max_new_tokens: int = 256  # greedy decoding stops here, at an end token, or at </answer>
     max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
     output: str = ""  # folder for accuracy.md/.csv/.png; empty = beside the first checkpoint
+    skip_bad_records: bool = False  # skip (and count) records with bad fields or unreadable images
 
 
 def test_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
@@ -159,7 +160,7 @@ def test_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
             sets[samples[0]["modality"] or samples[0]["question_type"]] = samples
     else:
         sets = {}
-        for sample in train.load_split(cfg, root, "test"):
+        for sample in train.load_data(cfg, root)[1]:
             sets.setdefault(sample["modality"] if cfg.columns == "modality" else sample["question_type"], []).append(sample)
     return {name: samples[:cfg.max_samples or None] for name, samples in sorted(sets.items())}
 
@@ -215,4 +216,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as error:  # bad input: the message names the file and record
+        raise SystemExit(f"error: {error}")

@@ -380,6 +380,15 @@ def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) ->
     return -(logprobs * completion_mask.to(device)).sum() / completion_mask.sum()
 
 
+@torch.no_grad()
+def sync_reference(policy, reference, alpha: float) -> None:
+    """ref = alpha * policy + (1 - alpha) * ref, shard by shard (both are sharded alike)."""
+    policy.reshard()  # the root may still hold its last forward's full parameters
+    reference.reshard()
+    for ref_param, param in zip(reference.parameters(), policy.parameters()):
+        ref_param.lerp_(param, alpha)
+
+
 # ---------------------------------------------------------------- saving
 
 

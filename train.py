@@ -47,7 +47,7 @@ class Config:
     algo: str = "grpo"  # grpo, or sft: supervised on the gold answer tag (the paper's baseline)
     # GRPO (Med-R1's values; grpo.py has the equations)
     num_generations: int = 8  # G completions per prompt (Med-R1: 4)
-    prompts_per_step: int = 8  # prompts per rollout over all ranks (Med-R1: 4)
+    prompts_per_step: int = 16  # prompts per rollout over all ranks (Med-R1: 4)
     beta: float = 0.04  # weight of the k3 KL to the frozen reference; 0 loads no reference
     eps_low: float = 0.2  # clip range below 1 for the probability ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher uses 0.28)
@@ -80,6 +80,8 @@ class Config:
     keep_checkpoints: int = 2  # keep the newest K step-N checkpoints (final is always kept)
     resume: str = ""  # auto = the newest step-N in output_dir (if any); or a checkpoint folder
     max_skipped_steps: int = 5  # a non-finite loss or gradient skips the update; this many in a row stop the run
+    rollouts_every: int = 10  # write one prompt's completions and rewards to rollouts.jsonl every N steps
+    skip_bad_records: bool = False  # skip (and count) records with bad fields or unreadable images instead of stopping
     seed: int = 0  # data order, sampling and the tiny model's build
 
 
@@ -168,24 +170,16 @@ def model_path(cfg, root: str) -> str:
     return str(folder)
 
 
-def load_split(cfg, root: str, side: str, split_files: str = "") -> list[dict]:
-    """The train or test side: Med-R1 split files if given, else a fixed 80/20 split by image; then filtered.
-
-    The synthetic data defaults to its Modality Recognition questions: the task
-    the tiny model learns in minutes.
-    """
-    modalities = [m for m in cfg.modalities.split(",") if m]
-    question_types = [q for q in (cfg.question_types or ("" if cfg.data else "Modality Recognition")).split(",") if q]
-    if split_files:
-        samples = [s for f in split_files.split(",") for s in data.load_medr1_split(f, image_root=root)]
-        samples = [s for s in samples if (not modalities or s["modality"] in modalities)
-                   and (not question_types or s["question_type"] in question_types)]
-        if not samples:
-            raise data.DataError(f"no samples in {split_files} for modalities={modalities}, "
-                                 f"question_types={question_types}")
-        return samples
-    train_samples, test_samples = data.split_by_image(data.load_omnimedvqa(root, modalities, question_types))
-    return train_samples if side == "train" else test_samples
+def load_data(cfg, root: str, train_split: str = "", test_split: str = "") -> tuple[list[dict], list[dict]]:
+    """data.load_splits with the config's filters; the synthetic data defaults to its Modality
+    Recognition questions (the task the tiny model learns in minutes)."""
+    question_types = cfg.question_types or ("" if cfg.data else "Modality Recognition")
+    errors = [] if cfg.skip_bad_records else None
+    splits = data.load_splits(root, [m for m in cfg.modalities.split(",") if m],
+                              [q for q in question_types.split(",") if q], train_split, test_split, errors)
+    if errors:
+        print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
+    return splits
 
 
 def score(texts: list[str], samples: list[dict], names: list[str]) -> torch.Tensor:
@@ -303,15 +297,6 @@ def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
     return grad_norm.item()
 
 
-@torch.no_grad()
-def sync_reference(policy, reference, alpha: float) -> None:
-    """ref = alpha * policy + (1 - alpha) * ref, shard by shard (both are sharded alike)."""
-    policy.reshard()  # the root may still hold its last forward's full parameters
-    reference.reshard()
-    for ref_param, param in zip(reference.parameters(), policy.parameters()):
-        ref_param.lerp_(param, alpha)
-
-
 def main():
     import eval as evaluation  # eval.py imports this file; import late to keep the cycle harmless
 
@@ -336,8 +321,8 @@ def main():
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / (cfg.steps * updates_per_step))
 
     # ---- data: every rank walks the same shuffled order and takes its slice of each step's prompts
-    train_samples = [dict(s, mode=cfg.prompt_mode) for s in load_split(cfg, root, "train", cfg.train_split)]
-    held_out = load_split(cfg, root, "test", cfg.test_split)
+    train_samples, held_out = load_data(cfg, root, cfg.train_split, cfg.test_split)
+    train_samples = [dict(s, mode=cfg.prompt_mode) for s in train_samples]
     random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
     held_out = held_out[:cfg.eval_size or None]
     print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
@@ -358,6 +343,8 @@ def main():
     image_size = cfg.image_size or None
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    rollouts_file = open(out / "rollouts.jsonl", "a") if rank == 0 else None
+    tensorboard, recent = (tensorboard_writer(out) if rank == 0 else None), []
 
     def save(step: int, folder: Path) -> None:
         state = {"step": step, "schedule": schedule.state_dict(), "order": torch.tensor(order, dtype=torch.long),
@@ -401,9 +388,14 @@ def main():
             texts = modellib.decode(processor.tokenizer, rollout)
             row_samples = [s for s in samples for _ in range(G)]
             reward_table = score(texts, row_samples, reward_names)  # (N, R)
+            if rank == 0 and cfg.rollouts_every and step % cfg.rollouts_every == 0:
+                rollouts_file.write(json.dumps({"step": step, "id": samples[0]["id"], "answer": samples[0]["answer"],
+                                                "prompt": data.build_prompt(samples[0], cfg.prompt_mode),
+                                                "completions": texts[:G], "rewards": reward_table[:G].tolist()}) + "\n")
+                rollouts_file.flush()
             local = grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rollout, reward_table)
             if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
-                sync_reference(policy, reference, cfg.ref_sync_alpha)
+                modellib.sync_reference(policy, reference, cfg.ref_sync_alpha)
             choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
             local.update({
                 "reward": reward_table.sum(dim=1).mean().item(),
@@ -427,8 +419,13 @@ def main():
         if rank == 0:
             metrics_file.write(json.dumps(logged) + "\n")
             metrics_file.flush()
+            for name, value in logged.items() if tensorboard else ():
+                tensorboard.add_scalar(name, value, step)
             progress.set_postfix(loss=f"{logged['loss']:.3f}")
             print0(summary_line(logged))
+            recent = (recent + [logged])[-10:]
+            if step % 10 == 0:
+                warn_if_stuck(recent)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
@@ -441,7 +438,51 @@ def main():
     modellib.save_checkpoint(policy, processor, out / "final", {"train_config.json": dataclasses.asdict(cfg)})
     print0(f"held-out accuracy: base {base_accuracy:.3f} -> final {final_accuracy:.3f} "
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
+    if rank == 0:
+        plot_curves(out)
     dist.destroy_process_group()
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer when tensorboard is installed (an optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(out / "tensorboard")
+
+
+def warn_if_stuck(recent: list[dict]) -> None:
+    """Warn about the two signatures of a run that learns nothing, over the last few steps."""
+    if "truncated" not in recent[-1]:
+        return
+    truncated = sum(m["truncated"] for m in recent) / len(recent)
+    zero_std = sum(m["zero_std_groups"] for m in recent) / len(recent)
+    if truncated > 0.5:
+        print0(f"warning: {truncated:.0%} of completions hit --max_new_tokens: raise it, or see rollouts.jsonl")
+    if zero_std > 0.9:
+        print0(f"warning: {zero_std:.0%} of groups have equal rewards, so no policy gradient (fine only if the "
+               "reward is at its maximum): raise --num_generations or --temperature, or see rollouts.jsonl")
+
+
+def plot_curves(out: Path) -> None:
+    """curves.png: reward, accuracy and completion length per step (needs matplotlib, an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+        return
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    names = [n for n in ("reward", "reward_accuracy", "completion_len", "loss") if n in logged[-1]]
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3))
+    for ax, name in zip(list(axes) if len(names) > 1 else [axes], names):
+        ax.plot([m["step"] for m in logged if name in m], [m[name] for m in logged if name in m])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
 
 
 def step_checkpoints(out: Path) -> list[Path]:
@@ -482,4 +523,7 @@ def summary_line(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except data.DataError as error:  # bad input: the message names the file and record
+        raise SystemExit(f"error: {error}")
