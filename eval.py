@@ -20,6 +20,7 @@ nothing here is a copy of them.
 import csv
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ def row_name(checkpoint: Path) -> str:
 
 
 def main():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
     cfg = train.parse_args(EvalConfig)
     device = train.setup_distributed()
     sets = test_sets(cfg)

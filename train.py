@@ -82,6 +82,7 @@ class Config:
     max_skipped_steps: int = 5  # a non-finite loss or gradient skips the update; this many in a row stop the run
     rollouts_every: int = 10  # write one prompt's completions and rewards to rollouts.jsonl every N steps
     skip_bad_records: bool = False  # skip (and count) records with bad fields or unreadable images instead of stopping
+    max_prompt_tokens: int = 0  # stop before training if a prompt with its image tokens is longer (0 = no limit)
     seed: int = 0  # data order, sampling and the tiny model's build
 
 
@@ -180,6 +181,25 @@ def load_data(cfg, root: str, train_split: str = "", test_split: str = "") -> tu
     if errors:
         print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
     return splits
+
+
+def check_prompt_lengths(cfg, processor, samples: list[dict], visual_tokens: int) -> None:
+    """Stop before training if a prompt (chat text plus its image tokens) exceeds --max_prompt_tokens.
+
+    Prompts are never truncated: cutting through the image tokens would break
+    the model's forward, cutting the options would change the question.
+    """
+    if not cfg.max_prompt_tokens:
+        return
+    texts = [processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(s, cfg.prompt_mode)}]}],
+        add_generation_prompt=True, tokenize=False) for s in samples]
+    lengths = [len(ids) - 1 + visual_tokens for ids in processor.tokenizer(texts)["input_ids"]]  # one pad becomes many
+    too_long = [(s["id"], n) for s, n in zip(samples, lengths) if n > cfg.max_prompt_tokens]
+    if too_long:
+        raise data.DataError(f"{len(too_long)} prompts exceed --max_prompt_tokens {cfg.max_prompt_tokens}, "
+                             f"e.g. record {too_long[0][0]!r} with {too_long[0][1]} tokens: raise the limit, lower "
+                             "--image_size, or remove those records")
 
 
 def score(texts: list[str], samples: list[dict], names: list[str]) -> torch.Tensor:
@@ -300,6 +320,7 @@ def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
 def main():
     import eval as evaluation  # eval.py imports this file; import late to keep the cycle harmless
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
     device = setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = resolve(parse_args(Config), world)
@@ -312,7 +333,10 @@ def main():
     out = Path(cfg.output_dir)
     resume_from = resume_folder(cfg, out)
     processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
-    print0(f"{modellib.visual_tokens(processor, cfg.image_size or None)} visual tokens per image")
+    tokens = modellib.visual_tokens(processor, cfg.image_size or None)
+    print0(f"{tokens} visual tokens per image")
+    if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:  # one token covers 28 x 28 pixels
+        raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than --max_pixels allows")
     policy, reference = load_models(cfg, path, device, policy_path=resume_from)
     end_ids = modellib.end_token_ids(policy, processor.tokenizer)
     banned_ids = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
@@ -323,6 +347,7 @@ def main():
     # ---- data: every rank walks the same shuffled order and takes its slice of each step's prompts
     train_samples, held_out = load_data(cfg, root, cfg.train_split, cfg.test_split)
     train_samples = [dict(s, mode=cfg.prompt_mode) for s in train_samples]
+    check_prompt_lengths(cfg, processor, train_samples + held_out, tokens)
     random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
     held_out = held_out[:cfg.eval_size or None]
     print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
@@ -408,8 +433,11 @@ def main():
             })
 
         # ---- log
+        step_s = time.time() - t0
         logged = {"step": step, **mean_over_ranks(local), "lr": schedule.get_last_lr()[0],
-                  "rollout_s": t_rollout, "step_s": time.time() - t0}
+                  "rollout_s": t_rollout, "update_s": step_s - t_rollout, "step_s": step_s}
+        if "completion_len" in logged:  # sampled completion tokens per second of rollout, all ranks
+            logged["tokens_per_s"] = logged["completion_len"] * cfg.prompts_per_step * G / max(t_rollout, 1e-9)
         skipped_in_a_row = 0 if math.isfinite(logged["grad_norm"]) else skipped_in_a_row + 1
         if skipped_in_a_row:
             print0(f"step {step}: non-finite loss or gradient, update skipped ({skipped_in_a_row} in a row)")

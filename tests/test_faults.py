@@ -1,14 +1,21 @@
 """Runs that survive: exact resume, crash-safe checkpoints, skipped non-finite updates, rewards that fail."""
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+import data
 import model as modellib
 import rewards
 import train
+from conftest import REPO
 from test_train import SMALL, metrics, run
 
 
@@ -105,3 +112,39 @@ def test_a_reward_that_raises_names_itself_and_the_sample(monkeypatch):
     monkeypatch.setitem(rewards.REWARDS, "broken", broken)
     with pytest.raises(RuntimeError, match="reward 'broken' failed on sample 'q-7'"):
         train.score(["<answer>A</answer>"], [{"id": "q-7", "options": {"A": "x"}, "answer": "A"}], ["broken"])
+
+
+def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_split):
+    model, processor = tiny
+    sample = modality_split[0][0]
+    real_length = data.collate([sample], processor, "think-after").input_ids.shape[1]
+    tokens = modellib.visual_tokens(processor, 384)
+    fits = train.Config(max_prompt_tokens=real_length)
+    train.check_prompt_lengths(fits, processor, [sample], tokens)
+    with pytest.raises(data.DataError, match=f"record {sample['id']!r} with {real_length} tokens"):
+        train.check_prompt_lengths(train.Config(max_prompt_tokens=real_length - 1), processor, [sample], tokens)
+
+
+def test_when_one_rank_fails_both_exit(tiny_path, tmp_path):
+    """Rank 1 draws a JPEG whose header is fine but whose pixels are cut off; rank 0 must not wait forever."""
+    images = tmp_path / "Images" / "X"
+    images.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (56, 56), (200, 20, 20)).save(images / f"{name}.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / "cut.jpg")
+    (images / "cut.jpg").write_bytes((images / "cut.jpg").read_bytes()[:1500])  # cut in the pixel data
+
+    def split(names):
+        return [{"image": f"Images/X/{n}", "problem": "Which modality? A)CT, B)MRI",
+                 "solution": "<answer> A </answer>"} for n in names]
+
+    (tmp_path / "CT(Computed Tomography)_train.json").write_text(json.dumps(split(["a.png", "cut.jpg"])))
+    (tmp_path / "CT(Computed Tomography)_test.json").write_text(json.dumps(split(["b.png", "c.png"])))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+         "--data", str(tmp_path), "--train_split", str(tmp_path / "CT(Computed Tomography)_train.json"),
+         "--test_split", str(tmp_path / "CT(Computed Tomography)_test.json"), "--steps", "2", "--prompts_per_step",
+         "2", "--num_generations", "2", "--eval_every", "0", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "cut.jpg cannot be decoded" in done.stdout + done.stderr

@@ -207,3 +207,10 @@ def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mix
     (logprobs * mask).sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 and g.to_local().isfinite().all() for g in grads)
+
+
+def test_the_image_budget_is_really_applied(tiny_path):
+    """Med-R1: 384 x 384 images and max_pixels 401408 give 196 visual tokens; the tiny default's budget gives 4."""
+    assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=401408), 384) == 196
+    assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path), 384) == 4
+    assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=28 * 28), 384) == 1
