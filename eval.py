@@ -154,13 +154,15 @@ class EvalConfig:
 def test_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
     """Column name -> samples: one per split file, or the held-out split grouped by modality or question type."""
     root = train.dataset_root(cfg)
+    sets = {}
     if cfg.split_files:
-        sets = {}
+        errors = [] if cfg.skip_bad_records else None
         for path in cfg.split_files.split(","):
             samples = data.load_medr1_split(path, image_root=root)
-            sets[samples[0]["modality"] or samples[0]["question_type"]] = samples
+            sets[samples[0]["modality"] or samples[0]["question_type"]] = data.check_images(samples, errors)
+        if errors:
+            train.print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
     else:
-        sets = {}
         for sample in train.load_data(cfg, root)[1]:
             sets.setdefault(sample["modality"] if cfg.columns == "modality" else sample["question_type"], []).append(sample)
     return {name: samples[:cfg.max_samples or None] for name, samples in sorted(sets.items())}
@@ -199,7 +201,10 @@ def main():
         for column in columns:
             by_column[column] = summarize(results[start:start + len(sets[column])])
             start += len(sets[column])
-        rows[row_name(checkpoint)] = by_column
+        name = row_name(checkpoint)
+        while name in rows:  # two checkpoints trained on the same thing keep a row each
+            name += "'"
+        rows[name] = by_column
         if dist.get_rank() == 0:
             overall = {"mean_over_test_sets": sum(s["accuracy"] for s in by_column.values()) / len(columns),
                        "prompt_mode": mode, **summarize(results)}

@@ -47,6 +47,19 @@ policy pi_old and score each with rule rewards r_i (rewards.py). Then:
     gradient, only KL. DAPO's "dynamic sampling" drops them from the update
     (`--filter_zero_std` in train.py); their fraction is always logged.
 
+(7) Several updates per rollout (PPO's epochs; the GRPO paper's mu,
+    `--num_iterations`, each over `--minibatches` pieces): pi_old stays the
+    policy that sampled, whose log-probs the sampler kept, so after the first
+    update rho departs from 1 and the clip in (3) acts.
+
+(8) Truncated completions (no end token before the length limit) can be given
+    no loss at all, mask_{i,t} = 0 for every t (DAPO's overlong filtering,
+    `--mask_truncated`): their reward says nothing about a finished answer.
+
+(9) Reference refresh (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model):
+    every K steps pi_ref <- alpha * pi + (1 - alpha) * pi_ref, parameter by
+    parameter (`--ref_sync_every K --ref_sync_alpha alpha`).
+
 All log-probs are fp32 and computed with the sampling temperature applied
 (model.py), the same way for pi, pi_old and pi_ref.
 

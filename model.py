@@ -5,6 +5,7 @@ T completion tokens, V vocabulary.
 """
 
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -208,17 +210,25 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
 # ---------------------------------------------------------------- distributed
 
 
-def shard(model, bf16: bool) -> None:
+def shard(model, bf16: bool, hybrid: bool = False) -> None:
     """FSDP2: the vision tower as one unit, each decoder layer as one, then the root.
 
-    bf16 keeps fp32 master weights and reduces gradients in fp32.
+    bf16 keeps fp32 master weights and reduces gradients in fp32. hybrid shards
+    within a node and replicates across nodes (a 2-D device mesh, torchrun's
+    LOCAL_WORLD_SIZE ranks per node): parameter all-gathers stay on the node's
+    fast links, only the gradient all-reduce crosses nodes.
     """
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
-    fully_shard(model.model.visual, mp_policy=policy)
+    mesh = None
+    if hybrid:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
+                                (dist.get_world_size() // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    fully_shard(model.model.visual, mp_policy=policy, mesh=mesh)
     for layer in model.model.language_model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, mesh=mesh)
+    fully_shard(model, mp_policy=policy, mesh=mesh)
 
 
 def all_ranks(flag: bool, device) -> bool:

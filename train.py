@@ -68,6 +68,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
     dtype: str = "auto"  # bf16 or fp32 parameters in forward/backward (fp32 master weights); auto = bf16 on CUDA
+    hybrid_shard: bool = False  # multi-node: shard within each node, replicate across nodes (2-D mesh)
     # images
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep size
     max_pixels: int = 0  # pixel budget per image after resizing; 0 = the processor's own (Med-R1: 401408)
@@ -532,11 +533,11 @@ def resume_folder(cfg, out: Path) -> str | None:
 def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple:
     """The policy (from policy_path when resuming) and, only when beta > 0, a frozen reference from path."""
     policy = modellib.load_model(policy_path or path).to(device)
-    modellib.shard(policy, bf16=cfg.dtype == "bf16")
+    modellib.shard(policy, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
     reference = None
     if cfg.beta != 0 and cfg.algo == "grpo":
         reference = modellib.load_model(path).to(device).requires_grad_(False)
-        modellib.shard(reference, bf16=cfg.dtype == "bf16")
+        modellib.shard(reference, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
     return policy, reference
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -204,3 +205,26 @@ def test_sft_baseline_raises_held_out_accuracy_above_the_base(tiny_path, tmp_pat
                "--eval_every", "0", "--eval_size", "64", "--save_every", "0"])
     base, final = [float(x) for x in out.split("held-out accuracy: base ")[1].split(" (")[0].split(" -> final ")]
     assert final > base + 0.2, out[-500:]
+
+
+def test_two_nodes_with_hybrid_sharding_train_like_one(tiny_path, tmp_path):
+    """Two torchrun invocations of one process each, joined by a rendezvous on 127.0.0.1: 2 nodes x 1 rank."""
+    args = ["train.py", "--steps", "3", "--lr", "1e-4", *SMALL]
+    run([*args, "--output_dir", str(tmp_path / "one")])
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), *args, "--hybrid_shard", "true",
+         "--output_dir", str(tmp_path / "nodes")], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "nodes")
+    for a, b in zip(one, two):
+        assert a["reward"] == b["reward"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    weights_one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    weights_two = load_file(tmp_path / "nodes" / "final" / "model.safetensors")
+    for name in weights_one:
+        torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-5)
