@@ -57,11 +57,6 @@ def test_split_holds_out_whole_images_and_keeps_the_letter_balance(modality_spli
     assert data.split_by_image(train + test) == (train, test)  # fixed: the same split every time
 
 
-def test_repeat_prompts_is_tested_in_test_model():
-    """repeat_prompts needs a processor: see test_model.test_repeated_rows_carry_their_own_prompts_image."""
-    assert data.repeat_prompts.__module__ == "data"
-
-
 @pytest.mark.parametrize("changes, message", [
     ({"gt_answer": "X-Ray"}, "matches 0 options"),
     ({"option_B": None}, "at least 2 options"),
