@@ -132,15 +132,13 @@ def resolve(cfg: Config, world: int) -> Config:
 def setup_distributed() -> torch.device:
     """One process group for python and torchrun alike: NCCL on CUDA, gloo on CPU."""
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL starts
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    return collective_device()
 
 
 def print0(*args) -> None:
@@ -217,22 +215,28 @@ def score(texts: list[str], samples: list[dict], names: list[str]) -> torch.Tens
     return torch.tensor(table)
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def mean_over_ranks(values: dict) -> dict:
     """Average a dict of floats over ranks (for logging)."""
-    stacked = torch.tensor(list(values.values()), dtype=torch.float64)
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=collective_device())
     dist.all_reduce(stacked)
     return dict(zip(values, (stacked / dist.get_world_size()).tolist()))
 
 
 def sum_over_ranks(value: float) -> float:
     """A count summed over ranks: the loss denominators of grpo.py's equation (5)."""
-    total = torch.tensor(float(value), dtype=torch.float64)
+    total = torch.tensor(float(value), dtype=torch.float64, device=collective_device())
     dist.all_reduce(total)
     return total.item()
 
 
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's (N,) tensor in rank order: (world * N,)."""
+    """Concatenate every rank's (N,) tensor in rank order: (world * N,), on the collective device."""
+    values = values.to(collective_device())
     parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, values)
     return torch.cat(parts)
