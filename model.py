@@ -294,7 +294,8 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
     # Text after the prompt counts on from the prompt's largest position, whatever the padding.
     next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,)
     attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (N, P)
-    end_ids = torch.tensor(end_ids, device=device)
+    filler = end_ids[0] if end_ids else 0  # what rows that ended emit (masked out)
+    end_ids = torch.tensor(end_ids, dtype=torch.long, device=device)
     banned_ids = torch.tensor(banned_ids, dtype=torch.long, device=device)
     N = logits.shape[0]
     finished = torch.zeros(N, dtype=torch.bool, device=device)
@@ -316,7 +317,7 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
         all_logprobs = scaled.log_softmax(dim=-1)  # (N, V)
         logprob = all_logprobs.gather(1, token[:, None]).squeeze(1)  # (N,)
         entropies.append(-(all_logprobs.exp() * all_logprobs).sum(dim=-1))  # (N,)
-        token = torch.where(finished, end_ids[0], token)  # rows that ended keep emitting padding
+        token = torch.where(finished, filler, token)  # rows that ended keep emitting padding
         tokens.append(token)
         logprobs.append(logprob)
         masks.append(~finished)

@@ -1,0 +1,176 @@
+"""Step time of this project's GRPO against TRL's GRPOTrainer, measured side by side in one invocation.
+
+    python bench.py                  # needs the tiny model (python train.py builds it); TRL is optional
+    pip install trl==1.16.0          # the benchmark-only extra for the TRL row
+
+Both run the same tiny Qwen2-VL weights on the same prompts and images, with G
+completions per prompt forced to the same length (no end token stops them),
+beta 0.04, the grpo loss, fp32 and no gradient checkpointing, on one process.
+Each runs in its own child process so peak memory is its own. The second table
+shows how our step time grows with G, completion length and image size; its
+"prefill" column is one sample() call that makes a single token, so it is the
+cost of encoding the prompts and images, which should not grow with G.
+"""
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+import data
+import model as modellib
+import rewards
+import train
+
+
+@dataclass
+class BenchConfig:
+    steps: int = 10  # timed steps, after the warm-up
+    warmup: int = 2  # untimed steps first
+    prompts: int = 8  # prompts per step
+    generations: int = 8  # G
+    completion_tokens: int = 32  # every completion has exactly this many tokens
+    image_size: int = 56  # images are resized to this square
+    run: str = ""  # internal: ours or trl, to run one side in a child process
+    scaling: bool = True  # also print the table of our step time against G, length and image size
+
+
+def bench_samples(cfg: BenchConfig) -> list[dict]:
+    root = train.dataset_root(train.Config())
+    samples = data.load_omnimedvqa(root, question_types=["Modality Recognition"])
+    return [dict(s, mode="think-after") for s in samples[:cfg.prompts * (cfg.steps + cfg.warmup)]]
+
+
+def ours(cfg: BenchConfig) -> dict:
+    """Median seconds per GRPO step of this project (FSDP2 on one process, as python train.py runs)."""
+    path, samples = ".cache/tiny-qwen2-vl", bench_samples(cfg)
+    # The tiny processor's budget is 64 x 64 pixels; larger images need a larger one.
+    processor = modellib.Processor.from_pretrained(path, max_pixels=max(cfg.image_size, 64) ** 2)
+    train_cfg = train.Config(num_generations=cfg.generations, prompts_per_step=cfg.prompts, lr=5e-4,
+                             max_new_tokens=cfg.completion_tokens)
+    policy, reference = train.load_models(train_cfg, path, torch.device("cpu"))
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    G, times, prefills = cfg.generations, [], []
+    for step in range(cfg.warmup + cfg.steps):
+        batch = samples[step * cfg.prompts:(step + 1) * cfg.prompts]
+        start = time.perf_counter()
+        prompts = data.collate(batch, processor, "think-after", cfg.image_size)
+        rollout = modellib.sample(policy, prompts, G, cfg.completion_tokens, [], [], 1.0, generator=generator)
+        texts = modellib.decode(processor.tokenizer, rollout)
+        reward_table = train.score(texts, [s for s in batch for _ in range(G)], ["format", "accuracy"])
+        train.grpo_step(train_cfg, policy, reference, optimizer, schedule, prompts, batch, rollout, reward_table)
+        if step >= cfg.warmup:
+            times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            modellib.sample(policy, prompts, G, 1, [], [], 1.0, generator=generator)
+            prefills.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times), "prefill_s": statistics.median(prefills)}
+
+
+def trl(cfg: BenchConfig) -> dict:
+    """Median seconds per step of TRL's GRPOTrainer on the same model, prompts, images and settings."""
+    from datasets import Dataset
+    from transformers import Qwen2VLProcessor, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        """Qwen2VLProcessor without its video half (which needs torchvision), for TRL's processor API."""
+
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
+                name, arg)
+
+    path, samples = ".cache/tiny-qwen2-vl", bench_samples(cfg)
+    ours_processor = modellib.Processor.from_pretrained(path, max_pixels=max(cfg.image_size, 64) ** 2)
+    processor = ImageOnlyProcessor(image_processor=ours_processor.image_processor, tokenizer=ours_processor.tokenizer,
+                                   video_processor=None, chat_template=ours_processor.tokenizer.chat_template)
+    dataset = Dataset.from_list([{
+        "prompt": [{"role": "user", "content": [{"type": "image"},
+                                                {"type": "text", "text": data.build_prompt(s, "think-after")}]}],
+        "image": data.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)} for s in samples])
+
+    def reward(name):
+        def score(prompts, completions, sample, **kwargs):
+            return [rewards.REWARDS[name](c[0]["content"], json.loads(s)) for c, s in zip(completions, sample)]
+        score.__name__ = name
+        return score
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    args = GRPOConfig(
+        output_dir="runs/bench-trl", per_device_train_batch_size=cfg.prompts * cfg.generations,
+        num_generations=cfg.generations, max_completion_length=cfg.completion_tokens,
+        generation_kwargs={"min_new_tokens": cfg.completion_tokens}, beta=0.04, loss_type="grpo", temperature=1.0,
+        learning_rate=5e-4, use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=cfg.warmup + cfg.steps,
+        shuffle_dataset=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = GRPOTrainer(model=modellib.load_model(path), reward_funcs=[reward("format"), reward("accuracy")],
+                          args=args, train_dataset=dataset, processing_class=processor, callbacks=[StepTimer()])
+    trainer.train()
+    return {"step_s": statistics.median(times[cfg.warmup:])}
+
+
+def child(cfg: BenchConfig, run: str, **changes) -> dict | None:
+    """Run one side in a fresh process; its result and its own peak memory, or None if it failed."""
+    flags = [f"--{k}={v}" for k, v in {**asdict(cfg), **changes, "run": run, "scaling": False}.items()]
+    done = subprocess.run([sys.executable, __file__, *[x for f in flags for x in f.split("=", 1)]],
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        print(f"{run} failed:\n" + done.stderr[-2000:])
+        return None
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def main():
+    cfg = train.parse_args(BenchConfig)
+    if cfg.run:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        result = ours(cfg) if cfg.run == "ours" else trl(cfg)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(result))
+        return
+    completions = cfg.prompts * cfg.generations
+    print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens each, "
+          f"{cfg.image_size} px images, fp32, CPU, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
+    rows = {"ours": child(cfg, "ours")}
+    try:
+        import trl as _  # noqa: F401
+        rows["TRL GRPOTrainer"] = child(cfg, "trl")
+    except ImportError:
+        print("TRL is not installed: pip install trl==1.16.0 for the side-by-side row\n")
+    print("| trainer | s / step | completion tokens / s | peak memory (MB) |\n|---|---|---|---|")
+    for name, row in rows.items():
+        if row:
+            print(f"| {name} | {row['step_s']:.3f} | {completions * cfg.completion_tokens / row['step_s']:.0f} "
+                  f"| {row['peak_rss_mb']:.0f} |")
+    if rows.get("TRL GRPOTrainer") and rows["ours"]:
+        print(f"\nours / TRL step time: {rows['ours']['step_s'] / rows['TRL GRPOTrainer']['step_s']:.2f}")
+    if not cfg.scaling:
+        return
+    print("\nour step time as one setting changes (the others as above):\n\n"
+          "| setting | s / step | prefill s |\n|---|---|---|")
+    for name, values in [("generations", [2, 4, 8, 16]), ("completion_tokens", [16, 64, 256]),
+                         ("image_size", [56, 224, 448])]:
+        for value in values:
+            row = child(cfg, "ours", **{name: value})
+            if row:
+                print(f"| {name} = {value} | {row['step_s']:.3f} | {row['prefill_s']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
