@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -354,24 +353,35 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                   temperature: float = 1.0, chunk_rows: int = 16) -> torch.Tensor:
+                   temperature: float = 1.0, group_size: int = 1, chunk_rows: int = 16) -> torch.Tensor:
     """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T).
 
-    prompts has one row per completion (see data.repeat_prompts). Logits are
-    made only for completion positions, and the log-softmax runs a few rows
-    at a time so no (N, T, V) fp32 tensor exists at once.
+    Completion row i belongs to prompt row i // group_size. As in sample(), each
+    prompt and its image are encoded once and the KV cache is repeated G times;
+    the completions then run on top of it, and the gradient flows back through
+    the shared cache. So a group costs P + G*T tokens, not G*(P + T). Logits are
+    made only for completion positions, and the log-softmax runs a few rows at
+    a time so no (N, T, V) fp32 tensor exists at once.
     """
-    T = completion_ids.shape[1]
-    input_ids = torch.cat([prompts.input_ids, completion_ids], dim=1)  # (N, P + T)
-    attention_mask = torch.cat([prompts.attention_mask, completion_mask], dim=1)  # (N, P + T)
-    mm_token_type_ids = F.pad(prompts.mm_token_type_ids, (0, T))  # (N, P + T), completions are text
-    positions = prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, prompts.image_grid_thw)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                mm_token_type_ids=mm_token_type_ids, logits_to_keep=T + 1)
-    # Next-token shift: the logit at sequence position P-1+t predicts completion token t,
-    # so keep the last T+1 positions and drop the final one (it predicts past the end).
-    logits = out.logits[:, :-1]  # (N, T, V)
+    G, T = group_size, completion_ids.shape[1]
+    positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
+                                 prompts.image_grid_thw)  # (3, B, P)
+    prefill = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
+                    pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
+                    mm_token_type_ids=prompts.mm_token_type_ids, use_cache=True, logits_to_keep=1)
+    # Next-token shift: the prompt's last logit predicts completion token 0, completion
+    # token t predicts token t + 1, and the last completion token predicts nothing.
+    logits = prefill.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V)
+    if T > 1:
+        cache = prefill.past_key_values
+        cache.batch_repeat_interleave(G)  # (B, ...) -> (N, ...), differentiable
+        attention_mask = torch.cat([prompts.attention_mask.repeat_interleave(G, dim=0), completion_mask[:, :-1]],
+                                   dim=1)  # (N, P + T - 1)
+        start = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,), as in sample()
+        position = (start.unsqueeze(1) + torch.arange(T - 1, device=start.device)).expand(3, -1, -1)  # (3, N, T-1)
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, position_ids=position,
+                     past_key_values=cache, use_cache=True).logits  # (N, T - 1, V)
+        logits = torch.cat([logits, rest], dim=1)  # (N, T, V)
     logprobs = []
     for rows, ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
         scaled = rows.float() / temperature  # (n, T, V)

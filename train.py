@@ -260,16 +260,20 @@ def grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rol
     rows = torch.arange(N)
     if cfg.filter_zero_std:
         rows = rows[~zero_std.repeat_interleave(G)]  # only groups with a reward spread train
-    expanded = data.repeat_prompts(prompts, G)  # (N, P) rows, each with its own prompt's image
     ids, device = rollout.completion_ids, rollout.completion_ids.device
+
+    def logprobs_of(model, group_rows):
+        """token_logprobs of whole groups of rows, each group's prompt encoded once."""
+        return modellib.token_logprobs(model, data.select_rows(prompts, group_rows[::G] // G), ids[group_rows],
+                                       mask[group_rows], cfg.temperature, group_size=G)  # (n, T)
+
     ref_logprobs = None
     if reference is not None:
         # Only the rows that train; a rank with none still runs the reference once (FSDP collectives).
-        ref_rows = rows if len(rows) else rows.new_zeros(1)
+        ref_rows = rows if len(rows) else torch.arange(G)
         ref_logprobs = torch.zeros_like(rollout.logprobs)  # (N, T)
         with torch.no_grad():
-            ref_logprobs[ref_rows] = modellib.token_logprobs(reference, data.select_rows(expanded, ref_rows),
-                                                             ids[ref_rows], mask[ref_rows], cfg.temperature)
+            ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
 
     # With one update per rollout the old policy is the current one: ratio exactly 1.
     # Otherwise it is the policy that sampled, whose log-probs the sampler kept.
@@ -280,18 +284,17 @@ def grpo_step(cfg, policy, reference, optimizer, schedule, prompts, samples, rol
     prompt_index = rank * (N // G) + rows // G  # (rows,)
     for _ in range(cfg.num_iterations):
         for chunk in [rows[prompt_index % cfg.minibatches == k] for k in range(cfg.minibatches)]:
-            # A rank with no rows left still runs one forward and backward (on a row it
+            # A rank with no rows left still runs one forward and backward (on a group it
             # gives no weight), so every rank makes the same FSDP collective calls.
-            weight = torch.ones(len(chunk) or 1, 1, device=device)
+            weight = torch.ones(len(chunk) or G, 1, device=device)
             if len(chunk) == 0:
-                chunk, weight = rows.new_zeros(1), weight * 0
+                chunk, weight = torch.arange(G), weight * 0
             chunk_mask = mask[chunk] * weight  # (n, T)
             sequences = (chunk_mask.sum(dim=1) > 0).sum().item()
             count = {"grpo": sequences, "dapo": chunk_mask.sum().item(),
                      "dr_grpo": sequences * cfg.max_new_tokens}[cfg.loss_type]
             denominator = max(sum_over_ranks(count), 1) / world  # the ranks' gradients are averaged
-            logprobs = modellib.token_logprobs(policy, data.select_rows(expanded, chunk), ids[chunk], mask[chunk],
-                                               cfg.temperature)  # (n, T)
+            logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
             old = logprobs.detach() if on_policy else rollout.logprobs[chunk]
             loss, chunk_metrics = grpo.policy_loss(
                 logprobs, old, None if ref_logprobs is None else ref_logprobs[chunk], advantages[chunk], chunk_mask,

@@ -1,5 +1,6 @@
 """The sampler and log-probs against Hugging Face transformers as the oracle."""
 
+import copy
 import json
 import shutil
 
@@ -214,3 +215,29 @@ def test_the_image_budget_is_really_applied(tiny_path):
     assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=401408), 384) == 196
     assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path), 384) == 4
     assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=28 * 28), 384) == 1
+
+
+def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradients(tiny, mixed_samples,
+                                                                                   single_process_group):
+    """Oracle: each completion run whole, with its own copy of the prompt, on an unsharded copy of the model.
+
+    token_logprobs encodes each prompt once and runs the G completions on its
+    repeated KV cache: two forward calls, one backward through both, under FSDP2.
+    """
+    model, processor = tiny
+    oracle = copy.deepcopy(model)
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    rollout = modellib.sample(model, batch, 3, 12, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(1))
+    mask = rollout.completion_mask
+
+    expected = modellib.token_logprobs(oracle, data.repeat_prompts(batch, 3), rollout.completion_ids, mask)
+    (expected * weights * mask).sum().backward()
+    modellib.shard(model, bf16=False)
+    shared = modellib.token_logprobs(model, batch, rollout.completion_ids, mask, group_size=3)
+    (shared * weights * mask).sum().backward()
+
+    torch.testing.assert_close(shared[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
+    for (name, param), (_, reference) in zip(model.named_parameters(), oracle.named_parameters()):
+        torch.testing.assert_close(param.grad.full_tensor(), reference.grad, rtol=1e-4, atol=1e-6, msg=name)
