@@ -76,7 +76,7 @@ def test_a_few_dozen_grpo_steps_raise_the_reward(tiny_path, tmp_path):
          "--eval_size", "8"])
     accuracy = [m["reward_accuracy"] for m in metrics(tmp_path)]
     base, last = accuracy[0], sum(accuracy[-5:]) / 5  # step 1's completions come from the base
-    assert base < 0.45 and last > base + 0.3, (base, last)
+    assert last > base + 0.5 * (1 - base), (base, last)  # at least half the way from the base to perfect
 
 
 def test_unknown_flag_is_refused_with_the_list_of_flags():
