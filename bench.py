@@ -12,6 +12,7 @@ shows how our step time grows with G, completion length and image size; its
 cost of encoding the prompts and images, which should not grow with G.
 """
 
+import importlib.util
 import json
 import resource
 import statistics
@@ -148,10 +149,9 @@ def main():
     print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens each, "
           f"{cfg.image_size} px images, fp32, CPU, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
     rows = {"ours": child(cfg, "ours")}
-    try:
-        import trl as _  # noqa: F401
+    if importlib.util.find_spec("trl"):
         rows["TRL GRPOTrainer"] = child(cfg, "trl")
-    except ImportError:
+    else:
         print("TRL is not installed: pip install trl==1.16.0 for the side-by-side row\n")
     print("| trainer | s / step | completion tokens / s | peak memory (MB) |\n|---|---|---|---|")
     for name, row in rows.items():

@@ -296,11 +296,15 @@ class PromptBatch:
         return PromptBatch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
+def chat_text(tokenizer, sample: dict, mode: str) -> str:
+    """The chat-formatted prompt: one user turn, the image first, then the prompt text."""
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(sample, mode)}]}
+    return tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
+
+
 def collate(samples: list[dict], processor, mode: str, image_size: int | None = None) -> PromptBatch:
-    """Chat-format B samples (image first, then the prompt text) and encode them."""
-    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(s, mode)}]}]
-                for s in samples]
-    texts = [processor.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    """Chat-format B samples and encode them, images included."""
+    texts = [chat_text(processor.tokenizer, s, mode) for s in samples]
     images = []
     for s in samples:
         try:

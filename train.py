@@ -190,9 +190,7 @@ def check_prompt_lengths(cfg, processor, samples: list[dict], visual_tokens: int
     """
     if not cfg.max_prompt_tokens:
         return
-    texts = [processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(s, cfg.prompt_mode)}]}],
-        add_generation_prompt=True, tokenize=False) for s in samples]
+    texts = [data.chat_text(processor.tokenizer, s, cfg.prompt_mode) for s in samples]
     lengths = [len(ids) - 1 + visual_tokens for ids in processor.tokenizer(texts)["input_ids"]]  # one pad becomes many
     too_long = [(s["id"], n) for s, n in zip(samples, lengths) if n > cfg.max_prompt_tokens]
     if too_long:
