@@ -1,6 +1,7 @@
 """Step time of this project's GRPO against TRL's GRPOTrainer, measured side by side in one invocation.
 
-    python bench.py                  # needs the tiny model (python train.py builds it); TRL is optional
+    python bench.py                  # the embedded tiny model on CPU; TRL is optional
+    python bench.py --device cuda    # the same on one GPU
     pip install trl==1.16.0          # the benchmark-only extra for the TRL row
 
 Both run the same tiny Qwen2-VL weights on the same prompts and images, with G
@@ -38,6 +39,11 @@ class BenchConfig:
     generations: int = 8  # G
     completion_tokens: int = 32  # every completion has exactly this many tokens
     image_size: int = 56  # images are resized to this square
+    device: str = "cpu"  # cpu or cuda (one GPU)
+    dtype: str = "fp32"  # fp32, or bf16 for our side only (TRL's row is skipped then)
+    model: str = ""  # a local Qwen2-VL folder; empty = the embedded tiny model
+    compile_decode: bool = False  # our side: torch.compile the decode step
+    grad_checkpointing: bool = False  # our side: recompute decoder layers in the backward pass
     run: str = ""  # internal: ours or trl, to run one side in a child process
     scaling: bool = True  # also print the table of our step time against G, length and image size
 
@@ -48,14 +54,24 @@ def bench_samples(cfg: BenchConfig) -> list[dict]:
     return [dict(s, mode="think-after") for s in samples[:cfg.prompts * (cfg.steps + cfg.warmup)]]
 
 
+def bench_model(cfg: BenchConfig) -> str:
+    """--model, or the embedded tiny model (built on first use)."""
+    return train.model_path(train.Config(model=cfg.model), train.dataset_root(train.Config()))
+
+
+def bench_processor(cfg: BenchConfig, path: str) -> modellib.Processor:
+    """The model's processor; the tiny one's budget (64 x 64 pixels) grows to fit --image_size."""
+    return modellib.Processor.from_pretrained(path, max_pixels=None if cfg.model else max(cfg.image_size, 64) ** 2)
+
+
 def ours(cfg: BenchConfig) -> dict:
     """Median seconds per GRPO step of this project (FSDP2 on one process, as python train.py runs)."""
-    path, samples = ".cache/tiny-qwen2-vl", bench_samples(cfg)
-    # The tiny processor's budget is 64 x 64 pixels; larger images need a larger one.
-    processor = modellib.Processor.from_pretrained(path, max_pixels=max(cfg.image_size, 64) ** 2)
+    path, samples, device = bench_model(cfg), bench_samples(cfg), torch.device(cfg.device)
+    processor = bench_processor(cfg, path)
     train_cfg = train.Config(num_generations=cfg.generations, prompts_per_step=cfg.prompts, lr=5e-4,
-                             max_new_tokens=cfg.completion_tokens)
-    policy, reference = train.load_models(train_cfg, path, torch.device("cpu"))
+                             max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype,
+                             grad_checkpointing=cfg.grad_checkpointing)
+    policy, reference = train.load_models(train_cfg, path, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     generator = torch.Generator().manual_seed(0)
@@ -63,17 +79,26 @@ def ours(cfg: BenchConfig) -> dict:
     for step in range(cfg.warmup + cfg.steps):
         batch = samples[step * cfg.prompts:(step + 1) * cfg.prompts]
         start = time.perf_counter()
-        prompts = data.collate(batch, processor, "think-after", cfg.image_size)
-        rollout = modellib.sample(policy, prompts, G, cfg.completion_tokens, [], [], 1.0, generator=generator)
+        prompts = data.collate(batch, processor, "think-after", cfg.image_size).to(device)
+        rollout = modellib.sample(policy, prompts, G, cfg.completion_tokens, [], [], 1.0, generator=generator,
+                                  compile_decode=cfg.compile_decode)
         texts = modellib.decode(processor.tokenizer, rollout)
         reward_table = train.score(texts, [s for s in batch for _ in range(G)], ["format", "accuracy"])
         train.grpo_step(train_cfg, policy, reference, optimizer, schedule, prompts, batch, rollout, reward_table)
+        synchronize(device)
         if step >= cfg.warmup:
             times.append(time.perf_counter() - start)
             start = time.perf_counter()
             modellib.sample(policy, prompts, G, 1, [], [], 1.0, generator=generator)
+            synchronize(device)
             prefills.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "prefill_s": statistics.median(prefills)}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times count it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def trl(cfg: BenchConfig) -> dict:
@@ -89,8 +114,8 @@ def trl(cfg: BenchConfig) -> dict:
             return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
                 name, arg)
 
-    path, samples = ".cache/tiny-qwen2-vl", bench_samples(cfg)
-    ours_processor = modellib.Processor.from_pretrained(path, max_pixels=max(cfg.image_size, 64) ** 2)
+    path, samples = bench_model(cfg), bench_samples(cfg)
+    ours_processor = bench_processor(cfg, path)
     processor = ImageOnlyProcessor(image_processor=ours_processor.image_processor, tokenizer=ours_processor.tokenizer,
                                    video_processor=None, chat_template=ours_processor.tokenizer.chat_template)
     dataset = Dataset.from_list([{
@@ -117,7 +142,7 @@ def trl(cfg: BenchConfig) -> dict:
         output_dir="runs/bench-trl", per_device_train_batch_size=cfg.prompts * cfg.generations,
         num_generations=cfg.generations, max_completion_length=cfg.completion_tokens,
         generation_kwargs={"min_new_tokens": cfg.completion_tokens}, beta=0.04, loss_type="grpo", temperature=1.0,
-        learning_rate=5e-4, use_cpu=True, bf16=False, gradient_checkpointing=False, max_steps=cfg.warmup + cfg.steps,
+        learning_rate=5e-4, use_cpu=cfg.device == "cpu", bf16=False, gradient_checkpointing=False, max_steps=cfg.warmup + cfg.steps,
         shuffle_dataset=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
     trainer = GRPOTrainer(model=modellib.load_model(path), reward_funcs=[reward("format"), reward("accuracy")],
                           args=args, train_dataset=dataset, processing_class=processor, callbacks=[StepTimer()])
@@ -140,24 +165,31 @@ def child(cfg: BenchConfig, run: str, **changes) -> dict | None:
 def main():
     cfg = train.parse_args(BenchConfig)
     if cfg.run:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        cuda = cfg.device == "cuda"
+        if cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
         result = ours(cfg) if cfg.run == "ours" else trl(cfg)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_mb"] = (torch.cuda.max_memory_allocated() if cuda else
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
         print("RESULT " + json.dumps(result))
         return
     completions = cfg.prompts * cfg.generations
     print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens each, "
-          f"{cfg.image_size} px images, fp32, CPU, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
+          f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
     rows = {"ours": child(cfg, "ours")}
-    if importlib.util.find_spec("trl"):
+    if cfg.dtype != "fp32" or cfg.model:
+        print("TRL's row runs only on the tiny model in fp32\n")
+    elif importlib.util.find_spec("trl"):
         rows["TRL GRPOTrainer"] = child(cfg, "trl")
     else:
         print("TRL is not installed: pip install trl==1.16.0 for the side-by-side row\n")
-    print("| trainer | s / step | completion tokens / s | peak memory (MB) |\n|---|---|---|---|")
+    memory = "peak GPU memory allocated" if cfg.device == "cuda" else "peak process memory (RSS)"
+    print(f"| trainer | s / step | completion tokens / s | {memory}, MB |\n|---|---|---|---|")
     for name, row in rows.items():
         if row:
             print(f"| {name} | {row['step_s']:.3f} | {completions * cfg.completion_tokens / row['step_s']:.0f} "
-                  f"| {row['peak_rss_mb']:.0f} |")
+                  f"| {row['peak_mb']:.0f} |")
     if rows.get("TRL GRPOTrainer") and rows["ours"]:
         print(f"\nours / TRL step time: {rows['ours']['step_s'] / rows['TRL GRPOTrainer']['step_s']:.2f}")
     if not cfg.scaling:

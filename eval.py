@@ -219,7 +219,7 @@ def main():
                 f"{name} {sum(s['rationale_chars'] for s in by.values()) / len(by):.0f}"
                 for name, by in rows.items() if name != "random guess"))
         write_tables(rows, columns, Path(cfg.output or Path(cfg.checkpoints.split(",")[0])))
-    dist.destroy_process_group()
+    train.finish_distributed()
 
 
 if __name__ == "__main__":

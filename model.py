@@ -4,6 +4,7 @@ Shapes: B prompts, G samples per prompt, N = B*G rows, P prompt tokens,
 T completion tokens, V vocabulary.
 """
 
+import functools
 import json
 import os
 import random
@@ -16,8 +17,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
@@ -230,11 +232,22 @@ def shard(model, bf16: bool, hybrid: bool = False) -> None:
     fully_shard(model, mp_policy=policy, mesh=mesh)
 
 
-def all_ranks(flag: bool, device) -> bool:
-    """True when flag is True on every rank."""
-    flag = torch.tensor(int(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
+def gathered_once(function):
+    """Under FSDP2, each unit's parameters are gathered at its first forward in
+    the call and kept until the call returns, not gathered and freed again at
+    every one of the decode loop's forwards."""
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]  # the root keeps its own
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            for unit in units:
+                unit.set_reshard_after_forward(True, recurse=False)
+                unit.reshard()
+    return wrapper
 
 
 # ---------------------------------------------------------------- sampling and log-probs
@@ -265,23 +278,28 @@ def prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_
 
 
 @torch.no_grad()
+@gathered_once
 def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: int, end_ids: list[int],
            banned_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
-           stop=None) -> Rollout:
+           stop=None, compile_decode: bool = False) -> Rollout:
     """G completions per prompt from one prefill per prompt; temperature 0 is greedy.
 
     The prompt and its image are encoded once, then the KV cache is repeated G
-    times. Under torch.distributed every rank keeps decoding until every row
-    of every rank has ended, so FSDP's collectives stay in step.
+    times. Rows that ended leave the decode batch (once at least half of it has
+    ended, so the cache is copied a few times, not every token). Under
+    torch.distributed every rank keeps decoding until every row of every rank
+    has ended, so FSDP's collectives stay in step.
 
     Each token is drawn by inverse-CDF sampling with one uniform number per row.
     rows = (first row of this rank, rows on all ranks): every rank draws the
     numbers for all rows from the same CPU generator and keeps its own, so the
     completions do not depend on how the prompts are split over ranks.
     stop(tokens (N, t)) -> (N,) bool may end rows early (e.g. at "</answer>").
+    compile_decode runs the one-token decode forward through torch.compile.
     """
     G, device = group_size, prompts.input_ids.device
+    decode_step = torch.compile(model, dynamic=True) if compile_decode else model
     positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
                                  prompts.image_grid_thw)  # (3, B, P)
     out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
@@ -290,52 +308,67 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
     cache = out.past_key_values
     cache.batch_repeat_interleave(G)  # every tensor in the cache: (B, ...) -> (N, ...)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
+    N = logits.shape[0]
+    # The decode batch holds the rows `active` (n of the N); the cache, logits,
+    # attention mask and positions below have one row per active row.
+    active = torch.arange(N, device=device)  # (n,)
     # Text after the prompt counts on from the prompt's largest position, whatever the padding.
-    next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,)
-    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (N, P)
+    next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (n,)
+    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (n, P)
     filler = end_ids[0] if end_ids else 0  # what rows that ended emit (masked out)
     end_ids = torch.tensor(end_ids, dtype=torch.long, device=device)
     banned_ids = torch.tensor(banned_ids, dtype=torch.long, device=device)
-    N = logits.shape[0]
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logprobs, masks, entropies = [], [], [], []
     for t in range(max_new_tokens):
-        scaled = logits / (temperature if temperature > 0 else 1.0)  # (N, V)
-        allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (N, V), vision tokens never drawn
+        scaled = logits / (temperature if temperature > 0 else 1.0)  # (n, V)
+        allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (n, V), vision tokens never drawn
         if temperature > 0:
             first, total = rows or (0, N)
-            uniform = torch.rand(total, generator=generator)[first:first + N].to(device)  # (N,)
-            cdf = top_p_filter(allowed, top_p).softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+            uniform = torch.rand(total, generator=generator)[first:first + N].to(device)[active]  # (n,)
+            cdf = top_p_filter(allowed, top_p).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
             # The first token whose cumulative probability exceeds u; tokens of
             # probability 0 (banned, filtered) can never be that token.
-            token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (N,)
+            token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (n,)
         else:
-            token = allowed.argmax(dim=-1)  # (N,)
+            token = allowed.argmax(dim=-1)  # (n,)
         # The log-prob under the model's full tempered distribution, which is what
         # the training forward computes; the ban and top-p only choose the token.
-        all_logprobs = scaled.log_softmax(dim=-1)  # (N, V)
-        logprob = all_logprobs.gather(1, token[:, None]).squeeze(1)  # (N,)
-        entropies.append(-(all_logprobs.exp() * all_logprobs).sum(dim=-1))  # (N,)
-        token = torch.where(finished, filler, token)  # rows that ended keep emitting padding
-        tokens.append(token)
-        logprobs.append(logprob)
+        all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
+        # Back to all N rows; rows that ended emit padding (masked out).
+        step_token = torch.full((N,), filler, device=device).index_copy(0, active, token)  # (N,)
+        step_token = torch.where(finished, filler, step_token)
+        tokens.append(step_token)
+        logprobs.append(logits.new_zeros(N).index_copy(0, active, all_logprobs.gather(1, token[:, None]).squeeze(1)))
+        entropies.append(logits.new_zeros(N).index_copy(0, active, -(all_logprobs.exp() * all_logprobs).sum(-1)))
         masks.append(~finished)
-        finished = finished | torch.isin(token, end_ids)
+        finished = finished | torch.isin(step_token, end_ids)
         if stop is not None:
             finished = finished | stop(torch.stack(tokens, dim=1))
-        done = bool(finished.all()) if not dist.is_initialized() else all_ranks(bool(finished.all()), device)
+        # The one host synchronization per token: how many active rows go on, and whether all ranks are done.
+        going_on = ~finished[active]  # (n,)
+        done = (~going_on).all().int()
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        left, done = torch.stack([going_on.sum(), done]).tolist()
         if done or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)  # (N, P + t + 1)
-        position = (next_position + t).view(1, N, 1).expand(3, N, 1)  # (3, N, 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # (N, V)
+        if 0 < left <= len(active) // 2:  # drop the ended rows (never all: the forward must still run)
+            keep = going_on.nonzero().squeeze(1)  # (left,)
+            cache.batch_select_indices(keep)
+            active, next_position, attention_mask = active[keep], next_position[keep], attention_mask[keep]
+        n = len(active)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # (n, P + t + 1)
+        position = (next_position + t).view(1, n, 1).expand(3, n, 1)  # (3, n, 1)
+        out = decode_step(input_ids=step_token[active, None], attention_mask=attention_mask, position_ids=position,
+                          past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()  # (n, V)
+    mask = torch.stack(masks, dim=1)  # (N, T)
     return Rollout(
         completion_ids=torch.stack(tokens, dim=1),  # (N, T)
-        completion_mask=torch.stack(masks, dim=1).long(),  # (N, T)
-        logprobs=torch.stack(logprobs, dim=1),  # (N, T)
-        entropy=torch.stack(entropies, dim=1),  # (N, T)
+        completion_mask=mask.long(),  # (N, T)
+        logprobs=torch.stack(logprobs, dim=1) * mask,  # (N, T), 0 after the end
+        entropy=torch.stack(entropies, dim=1) * mask,  # (N, T), 0 after the end
         truncated=~finished,  # (N,)
     )
 
@@ -352,41 +385,84 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+class PromptCache(DynamicCache):
+    """A KV cache that stops growing once frozen: the completion tokens attend to
+    the prompt's keys and values without adding their own, so a checkpointed
+    decoder layer, replayed in the backward pass, sees exactly what it saw."""
+
+    frozen = False
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if not self.frozen:
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
 def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                   temperature: float = 1.0, group_size: int = 1, chunk_rows: int = 16) -> torch.Tensor:
+                   temperature: float = 1.0, group_size: int = 1) -> torch.Tensor:
     """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T).
 
     Completion row i belongs to prompt row i // group_size. As in sample(), each
     prompt and its image are encoded once and the KV cache is repeated G times;
     the completions then run on top of it, and the gradient flows back through
     the shared cache. So a group costs P + G*T tokens, not G*(P + T). Logits are
-    made only for completion positions, and the log-softmax runs a few rows at
-    a time so no (N, T, V) fp32 tensor exists at once.
+    made only for completion positions. With gradient checkpointing enabled
+    (enable_grad_checkpointing) the completion pass keeps only each decoder
+    layer's input and recomputes the rest in the backward pass.
     """
     G, T = group_size, completion_ids.shape[1]
     positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
                                  prompts.image_grid_thw)  # (3, B, P)
+    cache = PromptCache()
     prefill = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
                     pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                    mm_token_type_ids=prompts.mm_token_type_ids, use_cache=True, logits_to_keep=1)
+                    mm_token_type_ids=prompts.mm_token_type_ids, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
     # Next-token shift: the prompt's last logit predicts completion token 0, completion
     # token t predicts token t + 1, and the last completion token predicts nothing.
-    logits = prefill.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V)
+    first = prefill.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V)
+    logprobs = [chosen_logprobs(first, completion_ids[:, :1], temperature)]  # (N, 1)
     if T > 1:
-        cache = prefill.past_key_values
         cache.batch_repeat_interleave(G)  # (B, ...) -> (N, ...), differentiable
+        cache.frozen = True
         attention_mask = torch.cat([prompts.attention_mask.repeat_interleave(G, dim=0), completion_mask[:, :-1]],
                                    dim=1)  # (N, P + T - 1)
         start = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,), as in sample()
         position = (start.unsqueeze(1) + torch.arange(T - 1, device=start.device)).expand(3, -1, -1)  # (3, N, T-1)
+        training = model.training
+        model.train(training or model.is_activation_checkpointing)  # HF checkpoints layers only in train mode
         rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, position_ids=position,
                      past_key_values=cache, use_cache=True).logits  # (N, T - 1, V)
-        logits = torch.cat([logits, rest], dim=1)  # (N, T, V)
-    logprobs = []
-    for rows, ids in zip(logits.split(chunk_rows), completion_ids.split(chunk_rows)):
-        scaled = rows.float() / temperature  # (n, T, V)
-        logprobs.append(scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(dim=-1))  # (n, T)
-    return torch.cat(logprobs)  # (N, T)
+        model.train(training)
+        logprobs.append(chosen_logprobs(rest, completion_ids[:, 1:], temperature))  # (N, T - 1)
+    return torch.cat(logprobs, dim=1)  # (N, T)
+
+
+def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk_rows: int = 16) -> torch.Tensor:
+    """log softmax(logits / temperature) at ids, fp32: (n, t, V) logits of any dtype -> (n, t).
+
+    A few rows at a time, each recomputed in the backward pass, so the fp32 copy
+    of the logits never exists whole, not even among the saved activations.
+    """
+    def rows_logprobs(rows, rows_ids):
+        scaled = rows.float() / temperature  # (chunk_rows, t, V)
+        return scaled.gather(-1, rows_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(dim=-1)
+
+    return torch.cat([checkpoint(rows_logprobs, rows, rows_ids, use_reentrant=False)
+                      for rows, rows_ids in zip(logits.split(chunk_rows), ids.split(chunk_rows))])
+
+
+def enable_grad_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+    Only the completion pass of token_logprobs is checkpointed (the model stays
+    in eval mode otherwise); it reads the prompt's frozen cache (PromptCache),
+    which makes the replay safe.
+    """
+    model.activation_checkpointing_enable()  # use_reentrant=False; HF checkpoints only in train mode
+    for layer in model.model.language_model.layers:
+        layer._can_checkpoint_with_cache = True
 
 
 def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) -> torch.Tensor:
@@ -407,7 +483,7 @@ def sync_reference(policy, reference, alpha: float) -> None:
     policy.reshard()  # the root may still hold its last forward's full parameters
     reference.reshard()
     for ref_param, param in zip(reference.parameters(), policy.parameters()):
-        ref_param.lerp_(param, alpha)
+        ref_param.lerp_(param.to(ref_param.dtype), alpha)  # the reference may be stored in bf16
 
 
 # ---------------------------------------------------------------- saving

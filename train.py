@@ -68,6 +68,8 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
     dtype: str = "auto"  # bf16 or fp32 parameters in forward/backward (fp32 master weights); auto = bf16 on CUDA
+    compile_decode: bool = False  # torch.compile the one-token decode forward of the rollout (first call compiles)
+    grad_checkpointing: bool = False  # recompute decoder layers in backward: less memory for long completions
     hybrid_shard: bool = False  # multi-node: shard within each node, replicate across nodes (2-D mesh)
     # images
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep size
@@ -139,6 +141,12 @@ def setup_distributed() -> torch.device:
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return collective_device()
+
+
+def finish_distributed() -> None:
+    """Leave together: a rank that tears gloo down while rank 0 still writes its files can abort (SIGABRT)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def print0(*args) -> None:
@@ -413,7 +421,7 @@ def main():
             # ---- rollout: G completions for each of this rank's B prompts (row i is prompt i // G)
             rollout = modellib.sample(policy, prompts, G, cfg.max_new_tokens, end_ids, banned_ids,
                                       cfg.temperature, cfg.top_p, generator=sampling_rng,
-                                      rows=(rank * B * G, world * B * G))
+                                      rows=(rank * B * G, world * B * G), compile_decode=cfg.compile_decode)
             t_rollout = time.time() - t0
             # ---- rule rewards on the decoded text, then advantages and the policy update
             texts = modellib.decode(processor.tokenizer, rollout)
@@ -474,7 +482,7 @@ def main():
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
     if rank == 0:
         plot_curves(out)
-    dist.destroy_process_group()
+    finish_distributed()
 
 
 def tensorboard_writer(out: Path):
@@ -538,10 +546,14 @@ def resume_folder(cfg, out: Path) -> str | None:
 def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple:
     """The policy (from policy_path when resuming) and, only when beta > 0, a frozen reference from path."""
     policy = modellib.load_model(policy_path or path).to(device)
+    if cfg.grad_checkpointing:
+        modellib.enable_grad_checkpointing(policy)
     modellib.shard(policy, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
     reference = None
     if cfg.beta != 0 and cfg.algo == "grpo":
-        reference = modellib.load_model(path).to(device).requires_grad_(False)
+        # The reference never trains, so it is stored in the compute dtype (bf16 halves its memory).
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        reference = modellib.load_model(path, dtype).to(device).requires_grad_(False)
         modellib.shard(reference, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
     return policy, reference
 

@@ -127,6 +127,44 @@ def test_sampler_never_emits_vision_tokens(tiny, mixed_samples):
     assert not torch.isin(rollout.completion_ids, torch.tensor(banned)).any()
 
 
+def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, mixed_samples):
+    """Oracle: the same draws with no row ending, so the decode batch never shrinks.
+
+    A stop rule ends row i after 2 + i % 7 tokens. Each row's tokens up to its
+    end, and their log-probs, must be the same in both runs; and the decode
+    batch must really have shrunk, more than once.
+    """
+    model, processor = tiny
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    lengths = 2 + torch.arange(12) % 7  # (N,)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    ended = modellib.sample(model, batch, 4, 12, [], [], 1.0, generator=torch.Generator().manual_seed(0),
+                            stop=lambda tokens: lengths <= tokens.shape[1])
+    hook.remove()
+    never_ends = modellib.sample(model, batch, 4, 12, [], [], 1.0, generator=torch.Generator().manual_seed(0))
+
+    assert ended.completion_mask.sum(dim=1).tolist() == lengths.tolist()
+    assert batch_sizes[:2] == [3, 12] and len(set(batch_sizes[1:])) >= 3  # prefill of 3 prompts, then 12 rows
+    for row, n in enumerate(lengths.tolist()):
+        assert ended.completion_ids[row, :n].tolist() == never_ends.completion_ids[row, :n].tolist()
+        torch.testing.assert_close(ended.logprobs[row, :n], never_ends.logprobs[row, :n], rtol=0, atol=1e-5)
+        assert (ended.logprobs[row, n:] == 0).all()
+
+
+def test_compiled_decode_step_samples_the_same_tokens(tiny, mixed_samples, single_process_group):
+    """torch.compile of the decode forward, under FSDP2, against the eager unsharded model (greedy)."""
+    model, processor = tiny
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    eager = modellib.sample(model, batch, 2, 12, end_ids, [], temperature=0.0)
+    modellib.shard(model, bf16=False)
+    compiled = modellib.sample(model, batch, 2, 12, end_ids, [], temperature=0.0, compile_decode=True)
+    assert torch.equal(compiled.completion_ids, eager.completion_ids)
+    torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=0, atol=1e-5)
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = modellib.top_p_filter(probs.log(), 0.8).isfinite()
@@ -217,12 +255,16 @@ def test_the_image_budget_is_really_applied(tiny_path):
     assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=28 * 28), 384) == 1
 
 
+@pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradients(tiny, mixed_samples,
-                                                                                   single_process_group):
+                                                                                   single_process_group,
+                                                                                   grad_checkpointing):
     """Oracle: each completion run whole, with its own copy of the prompt, on an unsharded copy of the model.
 
     token_logprobs encodes each prompt once and runs the G completions on its
-    repeated KV cache: two forward calls, one backward through both, under FSDP2.
+    repeated KV cache: two forward calls, one backward through both, under
+    FSDP2; with gradient checkpointing, the completion pass is replayed in the
+    backward pass on the same cache.
     """
     model, processor = tiny
     oracle = copy.deepcopy(model)
@@ -234,9 +276,17 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
 
     expected = modellib.token_logprobs(oracle, data.repeat_prompts(batch, 3), rollout.completion_ids, mask)
     (expected * weights * mask).sum().backward()
+    checkpointed = []
+    if grad_checkpointing:
+        modellib.enable_grad_checkpointing(model)
+        layer = model.model.language_model.layers[0]
+        replay = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *args, **kwargs: checkpointed.append(1) or replay(*args, **kwargs)
     modellib.shard(model, bf16=False)
     shared = modellib.token_logprobs(model, batch, rollout.completion_ids, mask, group_size=3)
     (shared * weights * mask).sum().backward()
+    assert len(checkpointed) == grad_checkpointing  # the completion pass only, never the prefill
+    assert not model.training
 
     torch.testing.assert_close(shared[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
     for (name, param), (_, reference) in zip(model.named_parameters(), oracle.named_parameters()):

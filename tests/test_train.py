@@ -165,7 +165,7 @@ def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_proce
 
     loaded = []
     real = modellib.load_model
-    monkeypatch.setattr(modellib, "load_model", lambda path: loaded.append(path) or real(path))
+    monkeypatch.setattr(modellib, "load_model", lambda path, *dtype: loaded.append(path) or real(path, *dtype))
     policy, reference = train.load_models(train.Config(beta=0.0), str(tiny_path), torch.device("cpu"))
     assert reference is None and len(loaded) == 1
     policy, reference = train.load_models(train.Config(beta=0.04), str(tiny_path), torch.device("cpu"))
