@@ -320,6 +320,11 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
     banned_ids = torch.tensor(banned_ids, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
     tokens, logprobs, masks, entropies = [], [], [], []
+
+    def to_all_rows(values, fill):
+        """(n,) values of the active rows -> (N,), fill for rows no longer in the batch."""
+        return torch.full((N,), fill, dtype=values.dtype, device=device).index_copy(0, active, values)
+
     for t in range(max_new_tokens):
         scaled = logits / (temperature if temperature > 0 else 1.0)  # (n, V)
         allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (n, V), vision tokens never drawn
@@ -335,12 +340,10 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
         # The log-prob under the model's full tempered distribution, which is what
         # the training forward computes; the ban and top-p only choose the token.
         all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
-        # Back to all N rows; rows that ended emit padding (masked out).
-        step_token = torch.full((N,), filler, device=device).index_copy(0, active, token)  # (N,)
-        step_token = torch.where(finished, filler, step_token)
+        step_token = torch.where(finished, filler, to_all_rows(token, filler))  # (N,), ended rows emit padding
         tokens.append(step_token)
-        logprobs.append(logits.new_zeros(N).index_copy(0, active, all_logprobs.gather(1, token[:, None]).squeeze(1)))
-        entropies.append(logits.new_zeros(N).index_copy(0, active, -(all_logprobs.exp() * all_logprobs).sum(-1)))
+        logprobs.append(to_all_rows(all_logprobs.gather(1, token[:, None]).squeeze(1), 0.0))  # (N,)
+        entropies.append(to_all_rows(-(all_logprobs.exp() * all_logprobs).sum(dim=-1), 0.0))  # (N,)
         masks.append(~finished)
         finished = finished | torch.isin(step_token, end_ids)
         if stop is not None:

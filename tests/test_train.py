@@ -33,7 +33,7 @@ def metrics(folder) -> list[dict]:
 
 
 SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2", "--minibatches", "2",
-            "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2"]
+            "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2", "--grad_checkpointing", "true"]
 
 
 @pytest.mark.parametrize("switches", [[], SWITCHES], ids=["medr1", "dapo-and-friends"])
@@ -158,6 +158,22 @@ def test_mask_truncated_gives_truncated_completions_no_loss(step_inputs, monkeyp
     monkeypatch.setattr(grpo, "policy_loss", lambda *args, **kw: masks.append(args[4]) or real(*args, **kw))
     grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1], mask_truncated=True)
     assert masks[0][0::2].sum() == 0 and (masks[0][1::2].sum(dim=1) > 0).all()
+
+
+def test_bf16_training_stores_the_reference_in_bf16_and_syncs_into_it(tiny_path, single_process_group):
+    import model as modellib
+
+    policy, reference = train.load_models(train.Config(dtype="bf16"), str(tiny_path), torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # fp32 master weights
+    assert all(p.dtype == torch.bfloat16 for p in reference.parameters())
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.5)
+    before = [p.full_tensor().float() for p in reference.parameters()]
+    modellib.sync_reference(policy, reference, 0.25)
+    for ref, old, param in zip(reference.parameters(), before, policy.parameters()):
+        expected = 0.25 * param.full_tensor() + 0.75 * old
+        torch.testing.assert_close(ref.full_tensor().float(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_process_group):
