@@ -142,7 +142,8 @@ def trl(cfg: BenchConfig) -> dict:
         output_dir="runs/bench-trl", per_device_train_batch_size=cfg.prompts * cfg.generations,
         num_generations=cfg.generations, max_completion_length=cfg.completion_tokens,
         generation_kwargs={"min_new_tokens": cfg.completion_tokens}, beta=0.04, loss_type="grpo", temperature=1.0,
-        learning_rate=5e-4, use_cpu=cfg.device == "cpu", bf16=False, gradient_checkpointing=False, max_steps=cfg.warmup + cfg.steps,
+        learning_rate=5e-4, use_cpu=cfg.device == "cpu", bf16=False, gradient_checkpointing=False,
+        max_steps=cfg.warmup + cfg.steps,
         shuffle_dataset=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
     trainer = GRPOTrainer(model=modellib.load_model(path), reward_funcs=[reward("format"), reward("accuracy")],
                           args=args, train_dataset=dataset, processing_class=processor, callbacks=[StepTimer()])
@@ -176,7 +177,8 @@ def main():
         return
     completions = cfg.prompts * cfg.generations
     print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens each, "
-          f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
+          f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, "
+          f"median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
     rows = {"ours": child(cfg, "ours")}
     if cfg.dtype != "fp32" or cfg.model:
         print("TRL's row runs only on the tiny model in fp32\n")

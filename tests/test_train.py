@@ -33,7 +33,8 @@ def metrics(folder) -> list[dict]:
 
 
 SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2", "--minibatches", "2",
-            "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2", "--grad_checkpointing", "true"]
+            "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2",
+            "--grad_checkpointing", "true"]
 
 
 @pytest.mark.parametrize("switches", [[], SWITCHES], ids=["medr1", "dapo-and-friends"])
