@@ -10,7 +10,6 @@ OmniMedVQA's layout offline (`make_synthetic`).
 Shapes: B prompts, G samples per prompt, P prompt tokens.
 """
 
-import hashlib
 import json
 import random
 import re
@@ -326,12 +325,6 @@ def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
     )
 
 
-def repeat_prompts(batch: PromptBatch, group_size: int) -> PromptBatch:
-    """B prompts -> B*G rows where row i is prompt i // G, image patches included (never pixel_values.repeat)."""
-    B = batch.input_ids.shape[0]
-    return select_rows(batch, torch.arange(B).repeat_interleave(group_size))  # rows 0,0,..,1,1,..
-
-
 # ---------------------------------------------------------------- synthetic data
 # Eight procedural "modalities", each with its own colour and layout, and
 # image attributes that answer the other four question types. The attributes
@@ -454,5 +447,5 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
                 record.update({f"option_{L}": text for L, text in zip(LETTERS, options)})
                 records.append(record)
         (qa_dir / f"{dataset}.json").write_text(json.dumps(records, indent=1))
-    done.write_text(hashlib.sha1(f"{images_per_modality},{image_size},{seed},{fixed_order}".encode()).hexdigest())
+    done.touch()
     return root

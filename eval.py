@@ -109,12 +109,8 @@ def write_tables(rows: dict, columns: list[str], folder: Path) -> None:
         for name, by_column in rows.items():
             values = [by_column[c]["accuracy"] * 100 for c in columns]
             writer.writerow([name, *[f"{v:.2f}" for v in values], f"{sum(values) / len(values):.2f}"])
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping accuracy.png (pip install matplotlib)")
+    plt = train.pyplot("accuracy.png")
+    if plt is None:
         return
     values = [[rows[name][c]["accuracy"] * 100 for c in columns] for name in rows]
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.6 * len(rows) + 2))

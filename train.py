@@ -507,14 +507,22 @@ def warn_if_stuck(recent: list[dict]) -> None:
                "reward is at its maximum): raise --num_generations or --temperature, or see rollouts.jsonl")
 
 
-def plot_curves(out: Path) -> None:
-    """curves.png: reward, accuracy and completion length per step (needs matplotlib, an optional extra)."""
+def pyplot(what: str):
+    """matplotlib.pyplot drawing to files, or None (and a note) without matplotlib, an optional extra."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print0("matplotlib is not installed: skipping curves.png (pip install matplotlib)")
+        print0(f"matplotlib is not installed: skipping {what} (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_curves(out: Path) -> None:
+    """curves.png: reward, accuracy and completion length per step (needs matplotlib, an optional extra)."""
+    plt = pyplot("curves.png")
+    if plt is None:
         return
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     names = [n for n in ("reward", "reward_accuracy", "completion_len", "loss") if n in logged[-1]]

@@ -24,6 +24,11 @@ def encode(processor, samples, sizes, mode="think-after") -> data.PromptBatch:
     return data.PromptBatch(**processor(texts, images))
 
 
+def repeat_prompts(batch: data.PromptBatch, group_size: int) -> data.PromptBatch:
+    """B prompts -> B*G rows where row i is prompt i // G, each with its own copy of its image's patches."""
+    return data.select_rows(batch, torch.arange(batch.input_ids.shape[0]).repeat_interleave(group_size))
+
+
 def random_qwen2_5_vl(tokenizer):
     """A randomly initialised Qwen2.5-VL at toy size, sharing the tiny model's tokenizer."""
     text = modellib.tiny_config(tokenizer)
@@ -79,7 +84,7 @@ def test_sampled_logprobs_equal_training_forward(any_model, mixed_samples, tempe
     rollout = modellib.sample(model, batch, 3, 16, end_ids, banned, temperature,
                               generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logprobs = modellib.token_logprobs(model, data.repeat_prompts(batch, 3), rollout.completion_ids,
+        logprobs = modellib.token_logprobs(model, repeat_prompts(batch, 3), rollout.completion_ids,
                                            rollout.completion_mask, temperature)
     mask = rollout.completion_mask.bool()
     assert mask.sum() > 3 * len(mixed_samples)
@@ -92,7 +97,7 @@ def test_sampled_logprobs_equal_training_forward(any_model, mixed_samples, tempe
 def test_repeated_rows_carry_their_own_prompts_image(tiny, mixed_samples, B, G, sizes):
     _, processor = tiny
     batch = encode(processor, mixed_samples[:B], SIZES[sizes][:B])
-    expanded = data.repeat_prompts(batch, G)
+    expanded = repeat_prompts(batch, G)
     images = batch.pixel_values.split(batch.image_grid_thw.prod(-1).tolist())
     rows = expanded.pixel_values.split(expanded.image_grid_thw.prod(-1).tolist())
     assert len(rows) == B * G
@@ -234,7 +239,7 @@ def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mix
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
     rollout = modellib.sample(model, batch, 2, 8, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
-    expanded = data.repeat_prompts(batch, 2)
+    expanded = repeat_prompts(batch, 2)
     with torch.no_grad():
         fp32 = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
     modellib.shard(model, bf16=True)
@@ -274,7 +279,7 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
     weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(1))
     mask = rollout.completion_mask
 
-    expected = modellib.token_logprobs(oracle, data.repeat_prompts(batch, 3), rollout.completion_ids, mask)
+    expected = modellib.token_logprobs(oracle, repeat_prompts(batch, 3), rollout.completion_ids, mask)
     (expected * weights * mask).sum().backward()
     checkpointed = []
     if grad_checkpointing:
