@@ -10,7 +10,9 @@ OmniMedVQA's layout offline (`make_synthetic`).
 Shapes: B prompts, G samples per prompt, P prompt tokens.
 """
 
+import hashlib
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -123,20 +125,21 @@ def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | N
     for path in files:
         for record in json.loads(path.read_text()):
             try:
-                sample = record_to_sample(record, str(path), root)
+                samples.append(record_to_sample(record, str(path), root))
             except DataError as error:
                 if errors is None:
                     raise
                 errors.append(str(error))
-                continue
-            if modalities and sample["modality"] not in modalities:
-                continue
-            if question_types and sample["question_type"] not in question_types:
-                continue
-            samples.append(sample)
+    samples = select(samples, modalities, question_types)
     if not samples:
         raise DataError(f"no samples in {root} for modalities={modalities}, question_types={question_types}")
     return samples
+
+
+def select(samples: list[dict], modalities=None, question_types=None) -> list[dict]:
+    """The samples of the given modalities and question types (None or empty: all)."""
+    return [s for s in samples if (not modalities or s["modality"] in modalities)
+            and (not question_types or s["question_type"] in question_types)]
 
 
 # Med-R1's `solution` field: the gold letter, space-padded, in an answer tag.
@@ -183,7 +186,7 @@ def load_medr1_split(path, image_root=None) -> list[dict]:
             raise DataError(f"{where}: solution {record['solution']!r} names none of the options {list(options)}")
         samples.append({
             "id": f"{path.stem}#{index}",
-            "image": str(Path(image_root) / record["image"]) if image_root else record["image"],
+            "image": str((Path(image_root) / record["image"]).resolve()) if image_root else record["image"],
             "question": question,
             "options": options,
             "answer": solution.group(1),
@@ -199,26 +202,83 @@ def random_guess_accuracy(samples: list[dict]) -> float:
 
 
 def load_splits(root, modalities: list, question_types: list, train_split: str = "", test_split: str = "",
-                errors: list | None = None) -> tuple[list[dict], list[dict]]:
-    """Train and test samples: Med-R1 split files where given, else a fixed 80/20 split by image of root.
+                drop_test_images: bool = True, errors: list | None = None) -> tuple[list, list, list[str]]:
+    """Train and test samples, and notes on what was held apart: no test question is ever trained on.
 
-    Every image is checked once here, before training; a bad record raises
-    DataError naming it, or with an errors list is recorded there and dropped.
+    Without split files, root is split 80/20 by image as a whole and only then
+    filtered, so every image has one side whatever the filters: a model trained
+    on one modality never sees a test image of another's. A test split file
+    takes its questions (with drop_test_images, every question on its images)
+    out of the training side; a train split file without a test file takes its
+    questions (images) out of root's test side. Every image is checked once
+    here, before training; a bad record raises DataError naming it, or with an
+    errors list is recorded there and dropped.
     """
     def from_files(files: str) -> list[dict]:
-        samples = [s for f in files.split(",") for s in load_medr1_split(f, image_root=root)]
-        return [s for s in samples if (not modalities or s["modality"] in modalities)
-                and (not question_types or s["question_type"] in question_types)]
+        return [s for f in files.split(",") for s in load_medr1_split(f, image_root=root)]
 
-    train, test = [], []
+    train, test, notes = [], [], []
     if not (train_split and test_split):
-        train, test = split_by_image(load_omnimedvqa(root, modalities, question_types, errors))
-    train = check_images(from_files(train_split) if train_split else train, errors)
-    test = check_images(from_files(test_split) if test_split else test, errors)
-    if not train or not test:
-        raise DataError(f"no {'training' if not train else 'test'} samples in {train_split or test_split or root} "
-                        f"for modalities={modalities}, question_types={question_types}")
-    return train, test
+        train, test = split_by_image(load_omnimedvqa(root, errors=errors))
+    train = from_files(train_split) if train_split else train
+    test = from_files(test_split) if test_split else test
+    # Apart before filtering: a test question of a modality left out is still no training question.
+    if test_split:
+        train, note = held_apart(train, test, drop_test_images, "training questions", "the test split")
+        notes.append(note)
+    elif train_split:
+        test, note = held_apart(test, train, drop_test_images, "held-out questions of " + str(root),
+                                "the train split")
+        notes.append(note)
+    train = check_images(select(train, modalities, question_types), errors)
+    test = check_images(select(test, modalities, question_types), errors)
+    if not train:
+        raise DataError(f"no training samples in {train_split or root} for modalities={modalities}, "
+                        f"question_types={question_types}" + (f" ({notes[0]})" if notes else ""))
+    if not test:
+        raise DataError(f"no test samples in {test_split or root} for modalities={modalities}, question_types="
+                        f"{question_types}" + (f" ({notes[0]}): pass --test_split with the test file that matches "
+                                               "--train_split" if train_split and not test_split else ""))
+    return train, test, notes
+
+
+def question_key(sample: dict) -> tuple[str, str]:
+    """What makes two records the same question: the image file and the problem text with its options."""
+    return sample["image"], problem_text(sample)
+
+
+def question_id(sample: dict, root) -> str:
+    """A short name for a question that holds on any machine: its image relative to root and its text, hashed."""
+    image, problem = question_key(sample)
+    return hashlib.sha1(f"{os.path.relpath(image, Path(root).resolve())}\n{problem}".encode()).hexdigest()[:16]
+
+
+def training_record(samples: list[dict], root) -> dict:
+    """What a checkpoint was trained on (saved beside it), so evaluation can count test questions seen."""
+    return {"images": sorted({os.path.relpath(s["image"], Path(root).resolve()) for s in samples}),
+            "questions": sorted({question_id(s, root) for s in samples})}
+
+
+def seen_in_training(record: dict, samples: list[dict], root) -> dict:
+    """How many of samples' images and questions a checkpoint's training_record holds."""
+    images, questions = set(record["images"]), set(record["questions"])
+    test_images = {os.path.relpath(s["image"], Path(root).resolve()) for s in samples}
+    return {"test_images": len(test_images), "seen_images": len(test_images & images),
+            "seen_questions": sum(question_id(s, root) in questions for s in samples)}
+
+
+def held_apart(samples: list[dict], other: list[dict], by_image: bool, what: str, source: str) -> tuple[list, str]:
+    """samples without the questions of other (by_image: without any question on other's images), and a note."""
+    questions, images = {question_key(s) for s in other}, {s["image"] for s in other}
+    kept = [s for s in samples if question_key(s) not in questions and not (by_image and s["image"] in images)]
+    same_question = sum(question_key(s) in questions for s in samples)
+    same_image = len({s["image"] for s in kept} & images)
+    note = (f"{len(samples) - len(kept)} {what} removed: {same_question} are questions of {source}, "
+            f"{len(samples) - len(kept) - same_question} share an image with it")
+    if same_image:
+        note += (f"; {same_image} images of {source} are still on both sides, with other questions "
+                 "(--drop_test_images true removes them)")
+    return kept, note
 
 
 def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:

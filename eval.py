@@ -4,17 +4,18 @@
     torchrun --nproc_per_node 8 eval.py --checkpoints runs/ct/final,runs/mri/final,... \
         --split_files "splits/CT(Computed Tomography)_test.json,..." --data /data/OmniMedVQA
 
-One checkpoint gives a row of accuracies, one column per test set, and their
-unweighted mean (the paper's "average accuracy"); several checkpoints give the
-cross-modality (or question-type) matrix: trained on the row, tested on the
-column. A "random guess" row gives each test set's exact chance accuracy.
-Tables are printed as markdown and written as .md, .csv and (with matplotlib)
-a heatmap .png; each checkpoint's results also go to eval_results.json beside it.
+One checkpoint gives a row of accuracies, one column per test set, their
+unweighted mean (the paper's "average accuracy") and the accuracy pooled over
+all questions; several checkpoints give the cross-modality (or question-type)
+matrix: trained on the row, tested on the column. A "random guess" row gives
+each test set's exact chance accuracy. Tables are printed as markdown and
+written as .md, .csv and (with matplotlib) a heatmap .png; each checkpoint's
+results also go to eval_results.json beside it.
 
-Accuracy is reported two ways: our extractor (rewards.extract_choice) and
-Med-R1's released rule (rewards.medr1_strict_choice), plus the rate of
-answers that could not be parsed. Reuses the sampler and the extractors;
-nothing here is a copy of them.
+Every answer is decoded to its end (an end token or --max_new_tokens), as
+Med-R1's evaluation does, and scored by each of SCORERS: ours and Med-R1's
+released rules. A checkpoint trained by train.py names what it trained on
+(training_data.json), and the tables count the test images and questions it saw.
 """
 
 import csv
@@ -33,54 +34,57 @@ import model as modellib
 import rewards
 import train
 
+# Every answer is scored by each of these (completion, sample) -> 0 or 1.
+SCORERS = {
+    # Ours, the training reward's: the last <answer> tag, read tolerantly (rewards.extract_choice).
+    "accuracy": rewards.accuracy_reward,
+    # Med-R1's released evaluation of think prompts: the first tag holding one word.
+    "accuracy_medr1_think": rewards.accuracy_medr1_think,
+    # Med-R1's released evaluation of no-think and zero-shot prompts: the whole output is the letter.
+    "accuracy_medr1_raw": rewards.accuracy_medr1_raw,
+    # Med-R1's training reward: the first one-line tag's content, or the whole output, is the letter.
+    "accuracy_medr1_reward": rewards.accuracy_medr1_reward,
+}
+POOLED = "pooled"  # the key of the summary over every question of a row
+
 
 @torch.no_grad()
 def evaluate(model, processor, samples: list[dict], mode: str, device, batch_size: int = 64,
-             max_new_tokens: int = 64, image_size: int | None = None, stop_at_answer: bool = True) -> list[dict]:
+             max_new_tokens: int = 64, image_size: int | None = None) -> list[dict]:
     """Greedy answers to samples, sharded over ranks; every rank gets every sample's result, in order.
 
     Every rank runs the same number of batches, so FSDP's collectives stay in
-    step. With stop_at_answer a row stops at its first </answer>: the answer is
-    all accuracy needs, and think-after's rationale comes after it.
+    step. Answers are never cut at an early </answer>: the reward reads the
+    last tag, so text after the first one can change the answer.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(samples), world))  # (about len / world,) sample indices
     n_batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
     banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
-    stop = answer_closed(processor.tokenizer) if stop_at_answer else None
     results = []
     for b in range(n_batches):
         indices = mine[b * batch_size:(b + 1) * batch_size]
         # A rank with nothing left still steps the model once per batch, on a sample it then ignores.
         prompts = data.collate([samples[i] for i in indices or [0]], processor, mode, image_size).to(device)
-        rollout = modellib.sample(model, prompts, 1, max_new_tokens, end_ids, banned, temperature=0.0, stop=stop)
+        rollout = modellib.sample(model, prompts, 1, max_new_tokens, end_ids, banned, temperature=0.0)
         for i, text in zip(indices, modellib.decode(processor.tokenizer, rollout)):
             sample = samples[i]
-            choice = rewards.extract_choice(text, sample["options"])
             think = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
-            results.append({"index": i, "id": sample["id"], "choice": choice, "correct": choice == sample["answer"],
-                            "strict_correct": rewards.medr1_strict_choice(text) == sample["answer"],
-                            "rationale_chars": len(think.group(1)) if think else 0})
+            results.append({"index": i, "id": sample["id"], "completion": text,
+                            "choice": rewards.extract_choice(text, sample["options"]),
+                            "rationale_chars": len(think.group(1)) if think else 0,
+                            **{name: scorer(text, sample) for name, scorer in SCORERS.items()}})
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     return sorted((r for part in everyone for r in part), key=lambda r: r["index"])
 
 
-def answer_closed(tokenizer):
-    """A stop rule for the sampler: rows whose last few tokens spell </answer> are done."""
-    def stop(tokens: torch.Tensor) -> torch.Tensor:
-        tails = tokenizer.batch_decode(tokens[:, -8:])
-        return torch.tensor(["</answer>" in tail for tail in tails], device=tokens.device)
-    return stop
-
-
 def summarize(results: list[dict]) -> dict:
-    """Accuracy (ours and Med-R1's strict rule) and the parse-failure rate of a list of results."""
+    """Each scorer's accuracy, the parse-failure rate and the mean rationale length of a list of results."""
     n = max(len(results), 1)
     return {
-        "accuracy": sum(r["correct"] for r in results) / n,
-        "accuracy_medr1_strict": sum(r["strict_correct"] for r in results) / n,
+        **{name: sum(r[name] for r in results) / n for name in SCORERS},
         "parse_failures": sum(r["choice"] is None for r in results) / n,
         "rationale_chars": sum(r["rationale_chars"] for r in results) / n,
         "questions": len(results),
@@ -88,27 +92,32 @@ def summarize(results: list[dict]) -> dict:
 
 
 def matrix_markdown(rows: dict, columns: list[str], key: str) -> str:
-    """rows: name -> {column: summary}; one markdown table of summary[key] in percent, with the mean."""
-    lines = ["| trained on \\ tested on | " + " | ".join(columns) + " | average |",
-             "|---" * (len(columns) + 2) + "|"]
+    """rows: name -> {column or POOLED: summary}; a markdown table of summary[key] in percent.
+
+    "average" is the unweighted mean over the columns (the paper's average
+    accuracy); "pooled" is over every question, so big test sets weigh more.
+    """
+    lines = ["| trained on \\ tested on | " + " | ".join(columns) + " | average | pooled |",
+             "|---" * (len(columns) + 3) + "|"]
     for name, by_column in rows.items():
         values = [by_column[c][key] * 100 for c in columns]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + f" | {sum(values) / len(values):.2f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) +
+                     f" | {sum(values) / len(values):.2f} | {by_column[POOLED][key] * 100:.2f} |")
     return "\n".join(lines)
 
 
-def write_tables(rows: dict, columns: list[str], folder: Path) -> None:
-    """The accuracy matrix as .md and .csv, and as a heatmap .png when matplotlib is installed."""
+def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) -> None:
+    """The matrices of keys as .md, ours as .csv, and as a heatmap .png when matplotlib is installed."""
     folder.mkdir(parents=True, exist_ok=True)
-    markdown = "\n\n".join(f"### {key}\n\n" + matrix_markdown(rows, columns, key)
-                           for key in ("accuracy", "accuracy_medr1_strict", "parse_failures"))
+    markdown = "\n\n".join(f"### {key}\n\n" + matrix_markdown(rows, columns, key) for key in keys)
     (folder / "accuracy.md").write_text(markdown + "\n")
     with open(folder / "accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["trained_on", *columns, "average"])
+        writer.writerow(["trained_on", *columns, "average", "pooled"])
         for name, by_column in rows.items():
             values = [by_column[c]["accuracy"] * 100 for c in columns]
-            writer.writerow([name, *[f"{v:.2f}" for v in values], f"{sum(values) / len(values):.2f}"])
+            writer.writerow([name, *[f"{v:.2f}" for v in values], f"{sum(values) / len(values):.2f}",
+                             f"{by_column[POOLED]['accuracy'] * 100:.2f}"])
     plt = train.pyplot("accuracy.png")
     if plt is None:
         return
@@ -137,19 +146,17 @@ class EvalConfig:
     question_types: str = ""  # comma-separated; empty = all (Modality Recognition for the synthetic data)
     columns: str = "modality"  # without split files, one column per modality or per question_type
     prompt_mode: str = ""  # empty = the checkpoint's training mode; also medr1-eval-think, medr1-eval-no-think, zero-shot
-    full_rationale: bool = False  # decode past </answer> and report the rationale length
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep size
     max_pixels: int = 0  # pixel budget per image after resizing; 0 = the processor's own (Med-R1: 401408)
     batch_size: int = 64  # prompts per greedy batch on each rank
-    max_new_tokens: int = 256  # greedy decoding stops here, at an end token, or at </answer>
+    max_new_tokens: int = 256  # greedy decoding stops at an end token or here (Med-R1: 256)
     max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
     output: str = ""  # folder for accuracy.md/.csv/.png; empty = beside the first checkpoint
     skip_bad_records: bool = False  # skip (and count) records with bad fields or unreadable images
 
 
-def test_sets(cfg: EvalConfig) -> dict[str, list[dict]]:
+def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
     """Column name -> samples: one per split file, or the held-out split grouped by modality or question type."""
-    root = train.dataset_root(cfg)
     sets = {}
     if cfg.split_files:
         errors = [] if cfg.skip_bad_records else None
@@ -173,15 +180,38 @@ def row_name(checkpoint: Path) -> str:
     return checkpoint.name
 
 
+def seen_in_training(checkpoint: Path, samples: list[dict], root: str) -> dict:
+    """The share of samples' images, and of samples themselves, that the checkpoint was trained on."""
+    record_file = checkpoint / "training_data.json"
+    if not record_file.exists():
+        return {}
+    seen = data.seen_in_training(json.loads(record_file.read_text()), samples, root)
+    return {"seen_images": seen["seen_images"] / max(seen["test_images"], 1),
+            "trained_questions": seen["seen_questions"] / max(len(samples), 1)}
+
+
+def scorers_markdown(rows: dict, columns: list[str]) -> str:
+    """One line per row: each scorer's unweighted mean over the columns, and the parse and rationale figures."""
+    keys = [*SCORERS, "parse_failures"]
+    lines = ["| row | " + " | ".join(keys) + " | rationale chars |", "|---" * (len(keys) + 2) + "|"]
+    for name, by_column in rows.items():
+        means = [sum(by_column[c][key] for c in columns) / len(columns) for key in [*keys, "rationale_chars"]]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in means[:-1]) + f" | {means[-1]:.0f} |")
+    return "\n".join(lines)
+
+
 def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
     cfg = train.parse_args(EvalConfig)
     device = train.setup_distributed()
-    sets = test_sets(cfg)
+    root = train.dataset_root(cfg)
+    sets = test_sets(cfg, root)
     columns = list(sets)
     everything = [s for samples in sets.values() for s in samples]
-    rows = {"random guess": {c: {"accuracy": data.random_guess_accuracy(sets[c]), "accuracy_medr1_strict":
-                                 data.random_guess_accuracy(sets[c]), "parse_failures": 0.0} for c in columns}}
+    # Picking an option uniformly at random: every scorer's expected accuracy is the same.
+    rows = {"random guess": {column: {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
+                                      "parse_failures": 0.0, "rationale_chars": 0.0}
+                             for column, samples in [*sets.items(), (POOLED, everything)]}}
     for checkpoint in map(Path, cfg.checkpoints.split(",")):
         trained = checkpoint / "train_config.json"
         mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists() else
@@ -192,29 +222,40 @@ def main():
         model = modellib.load_model(checkpoint).to(device)
         modellib.shard(model, bf16=device.type == "cuda")
         results = evaluate(model, processor, everything, mode, device, cfg.batch_size, cfg.max_new_tokens,
-                           cfg.image_size or None, stop_at_answer=not cfg.full_rationale)
+                           cfg.image_size or None)
         by_column, start = {}, 0
-        for column in columns:
-            by_column[column] = summarize(results[start:start + len(sets[column])])
-            start += len(sets[column])
+        for column, samples in [*sets.items(), (POOLED, everything)]:
+            part = results[start:start + len(samples)] if column != POOLED else results
+            by_column[column] = {**summarize(part), **seen_in_training(checkpoint, samples, root)}
+            start += len(samples)
         name = row_name(checkpoint)
         while name in rows:  # two checkpoints trained on the same thing keep a row each
             name += "'"
         rows[name] = by_column
+        if by_column[POOLED].get("trained_questions"):
+            train.print0(f"warning: {checkpoint} was trained on {by_column[POOLED]['trained_questions']:.1%} of "
+                         "these test questions: its accuracy here is not a held-out accuracy")
         if dist.get_rank() == 0:
-            overall = {"mean_over_test_sets": sum(s["accuracy"] for s in by_column.values()) / len(columns),
-                       "prompt_mode": mode, **summarize(results)}
-            (checkpoint / "eval_results.json").write_text(json.dumps({"overall": overall, "per_test_set": by_column},
-                                                                     indent=1))
+            overall = {"mean_over_test_sets": sum(by_column[c]["accuracy"] for c in columns) / len(columns),
+                       "prompt_mode": mode, **by_column[POOLED]}
+            per_test_set = {c: by_column[c] for c in columns}
+            (checkpoint / "eval_results.json").write_text(json.dumps({"overall": overall,
+                                                                      "per_test_set": per_test_set}, indent=1))
         del model
     if dist.get_rank() == 0:
-        for key in ("accuracy", "accuracy_medr1_strict", "parse_failures"):
-            print(f"\n{key} (%)\n" + matrix_markdown(rows, columns, key))
-        if cfg.full_rationale:
-            print("\nmean rationale length (characters): " + ", ".join(
-                f"{name} {sum(s['rationale_chars'] for s in by.values()) / len(by):.0f}"
-                for name, by in rows.items() if name != "random guess"))
-        write_tables(rows, columns, Path(cfg.output or Path(cfg.checkpoints.split(",")[0])))
+        # The share of test images and questions that training saw, where a checkpoint says what it trained on.
+        seen_keys = ["seen_images", "trained_questions"] if any(
+            "seen_images" in by_column[POOLED] for by_column in rows.values()) else []
+        for name, by_column in rows.items():
+            for summary, key in [(summary, key) for summary in by_column.values() for key in seen_keys]:
+                summary.setdefault(key, 0.0 if name == "random guess" else math.nan)
+        print("\naccuracy (%), ours\n" + matrix_markdown(rows, columns, "accuracy"))
+        print("\nevery scorer (%), the unweighted mean over the test sets\n" + scorers_markdown(rows, columns))
+        for key in seen_keys:
+            print(f"\n{key} (%; nan: the checkpoint does not say what it trained on)\n" +
+                  matrix_markdown(rows, columns, key))
+        write_tables(rows, columns, [*SCORERS, "parse_failures", *seen_keys],
+                     Path(cfg.output or Path(cfg.checkpoints.split(",")[0])))
     train.finish_distributed()
 
 

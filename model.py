@@ -280,7 +280,7 @@ def prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_
 @torch.no_grad()
 @gathered_once
 def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: int, end_ids: list[int],
-           banned_ids: list[int], temperature: float = 1.0, top_p: float = 1.0,
+           banned_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
            generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
            stop=None, compile_decode: bool = False) -> Rollout:
     """G completions per prompt from one prefill per prompt; temperature 0 is greedy.
@@ -331,14 +331,14 @@ def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: in
         if temperature > 0:
             first, total = rows or (0, N)
             uniform = torch.rand(total, generator=generator)[first:first + N].to(device)[active]  # (n,)
-            cdf = top_p_filter(allowed, top_p).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
+            cdf = top_p_filter(top_k_filter(allowed, top_k), top_p).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
             # The first token whose cumulative probability exceeds u; tokens of
             # probability 0 (banned, filtered) can never be that token.
             token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (n,)
         else:
             token = allowed.argmax(dim=-1)  # (n,)
         # The log-prob under the model's full tempered distribution, which is what
-        # the training forward computes; the ban and top-p only choose the token.
+        # the training forward computes; the ban, top-k and top-p only choose the token.
         all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
         step_token = torch.where(finished, filler, to_all_rows(token, filler))  # (N,), ended rows emit padding
         tokens.append(step_token)
@@ -386,6 +386,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p  # (N, V)
     drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the top_k largest logits of each row (and any tied with the k-th); 0 keeps all."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 class PromptCache(DynamicCache):

@@ -24,6 +24,9 @@ ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 LONE_LETTER = re.compile(r"\(?([A-Za-z])\)?[.):]?")
 # "B) text", "B. text", "(B) text": a letter marked as an option label, then text.
 LABELLED_LETTER = re.compile(r"\(?([A-Za-z])[.):]\s+\S.*", re.DOTALL)
+# What a model writes around its answer: markdown emphasis, code quotes, an "Answer:" label.
+EMPHASIS = "*_`"
+ANSWER_LABEL = re.compile(r"^(?:final\s+)?answer(?:\s*[:-]|\s+is\b:?)\s*", re.IGNORECASE)
 
 
 def extract_choice(text: str, options: dict) -> str | None:
@@ -33,7 +36,8 @@ def extract_choice(text: str, options: dict) -> str | None:
     asked zero-shot answers "B" or "B) MRI"); prose around a letter is not.
     """
     tags = ANSWER_TAG.findall(text)
-    content = (tags[-1] if tags else text).strip()
+    content = ANSWER_LABEL.sub("", (tags[-1] if tags else text).strip().strip(EMPHASIS).strip())
+    content = content.strip(EMPHASIS).strip()
     # A bare word such as "a" in prose never reaches here as a letter: the
     # patterns need the whole tag content to be the letter, or a labelled letter.
     match = LONE_LETTER.fullmatch(content) or LABELLED_LETTER.fullmatch(content)
@@ -56,23 +60,38 @@ def accuracy_reward(completion: str, sample: dict) -> float:
     return float(extract_choice(completion, sample["options"]) == sample["answer"])
 
 
-# Med-R1's released rule: the first tag, on one line (no DOTALL), compared as is.
+# Med-R1's training reward as released: the first tag, on one line (no DOTALL), compared as is.
 FIRST_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>")
 
 
-def medr1_strict_choice(text: str) -> str:
+def medr1_reward_choice(text: str) -> str:
     """The stripped content of the first one-line <answer> tag, or the whole stripped text if there is none."""
     match = FIRST_ANSWER_TAG.search(text)
     return (match.group(1) if match else text).strip()
 
 
-def accuracy_medr1_strict(completion: str, sample: dict) -> float:
-    """1 if medr1_strict_choice is exactly the gold letter ("C." and "c" score 0), as Med-R1 released it."""
-    return float(medr1_strict_choice(completion) == sample["answer"])
+def accuracy_medr1_reward(completion: str, sample: dict) -> float:
+    """1 if medr1_reward_choice is exactly the gold letter ("C." and "c" score 0): Med-R1's training reward."""
+    return float(medr1_reward_choice(completion) == sample["answer"])
+
+
+# Med-R1's released evaluation of think prompts: the first tag holding one word.
+MEDR1_EVAL_TAG = re.compile(r"<answer>\s*(\w+)\s*</answer>")
+
+
+def accuracy_medr1_think(completion: str, sample: dict) -> float:
+    """Med-R1's think evaluation: the first <answer> tag holding one word must be the gold letter; no tag: 0."""
+    match = MEDR1_EVAL_TAG.search(completion)
+    return float(match is not None and match.group(1) == sample["answer"])
+
+
+def accuracy_medr1_raw(completion: str, sample: dict) -> float:
+    """Med-R1's no-think and zero-shot evaluation (Qwen2-VL): the raw output, unstripped, must be the gold letter."""
+    return float(completion == sample["answer"])
 
 
 REWARDS = {
     "format": format_reward,
     "accuracy": accuracy_reward,
-    "accuracy_medr1_strict": accuracy_medr1_strict,
+    "accuracy_medr1_reward": accuracy_medr1_reward,
 }

@@ -42,6 +42,7 @@ class Config:
     question_types: str = ""  # comma-separated; empty = all (Modality Recognition for the synthetic data)
     train_split: str = ""  # Med-R1 split file(s), comma-separated, images under --data; empty = 80/20 by image
     test_split: str = ""  # the held-out split file(s) evaluated during training; empty = the 20% side
+    drop_test_images: bool = True  # no image on both sides, only its questions kept apart when false (Med-R1's files)
     prompt_mode: str = "think-after"  # think-after (answer, then rationale), think-before or no-think
     rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
     algo: str = "grpo"  # grpo, or sft: supervised on the gold answer tag (the paper's baseline)
@@ -61,9 +62,11 @@ class Config:
     ref_sync_alpha: float = 0.6  # a above
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
     top_p: float = 1.0  # nucleus sampling
+    top_k: int = 0  # draw only among the k most likely tokens (Med-R1: 50, transformers' default); 0 = all
     max_new_tokens: int = 32  # completion length limit (Med-R1: 256)
     # optimisation
     steps: int = 600  # rollouts (GRPO) or batches (SFT)
+    epochs: float = 0  # when > 0, steps = epochs x training questions / prompts_per_step (replaces --steps)
     lr: float = 0.0  # peak learning rate, decayed linearly to 0; 0 = 5e-4 for the tiny model, 1e-6 (Med-R1) otherwise
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
@@ -178,16 +181,20 @@ def model_path(cfg, root: str) -> str:
     return str(folder)
 
 
-def load_data(cfg, root: str, train_split: str = "", test_split: str = "") -> tuple[list[dict], list[dict]]:
-    """data.load_splits with the config's filters; the synthetic data defaults to its Modality
-    Recognition questions (the task the tiny model learns in minutes)."""
+def load_data(cfg, root: str, train_split: str = "", test_split: str = "",
+              drop_test_images: bool = True) -> tuple[list[dict], list[dict]]:
+    """data.load_splits with the config's filters, printing what was held apart; the synthetic data
+    defaults to its Modality Recognition questions (the task the tiny model learns in minutes)."""
     question_types = cfg.question_types or ("" if cfg.data else "Modality Recognition")
     errors = [] if cfg.skip_bad_records else None
-    splits = data.load_splits(root, [m for m in cfg.modalities.split(",") if m],
-                              [q for q in question_types.split(",") if q], train_split, test_split, errors)
+    train, test, notes = data.load_splits(root, [m for m in cfg.modalities.split(",") if m],
+                                          [q for q in question_types.split(",") if q], train_split, test_split,
+                                          drop_test_images, errors)
+    for note in notes:
+        print0(note)
     if errors:
         print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
-    return splits
+    return train, test
 
 
 def check_prompt_lengths(cfg, processor, samples: list[dict], visual_tokens: int) -> None:
@@ -341,7 +348,7 @@ def main():
     print0("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
-    # ---- model, reference, processor (the reference is always the base, also on resume)
+    # ---- processor and data first: bad input stops the run before any model is loaded
     root = dataset_root(cfg)
     path = model_path(cfg, root)
     out = Path(cfg.output_dir)
@@ -351,20 +358,24 @@ def main():
     print0(f"{tokens} visual tokens per image")
     if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:  # one token covers 28 x 28 pixels
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than --max_pixels allows")
+    # Every rank walks the same shuffled order and takes its slice of each step's prompts.
+    train_samples, held_out = load_data(cfg, root, cfg.train_split, cfg.test_split, cfg.drop_test_images)
+    train_samples = [dict(s, mode=cfg.prompt_mode) for s in train_samples]
+    check_prompt_lengths(cfg, processor, train_samples + held_out, tokens)
+    random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
+    held_out = held_out[:cfg.eval_size or None]
+    print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
+    if cfg.epochs:
+        cfg.steps = math.ceil(cfg.epochs * len(train_samples) / cfg.prompts_per_step)
+        print0(f"--epochs {cfg.epochs}: {cfg.steps} steps of {cfg.prompts_per_step} prompts")
+
+    # ---- model, reference, optimizer (the reference is always the base, also on resume)
     policy, reference = load_models(cfg, path, device, policy_path=resume_from)
     end_ids = modellib.end_token_ids(policy, processor.tokenizer)
     banned_ids = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / (cfg.steps * updates_per_step))
-
-    # ---- data: every rank walks the same shuffled order and takes its slice of each step's prompts
-    train_samples, held_out = load_data(cfg, root, cfg.train_split, cfg.test_split)
-    train_samples = [dict(s, mode=cfg.prompt_mode) for s in train_samples]
-    check_prompt_lengths(cfg, processor, train_samples + held_out, tokens)
-    random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
-    held_out = held_out[:cfg.eval_size or None]
-    print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
     order, start_step, base_accuracy, skipped_in_a_row = [], 0, None, 0
@@ -385,12 +396,15 @@ def main():
     rollouts_file = open(out / "rollouts.jsonl", "a") if rank == 0 else None
     tensorboard, recent = (tensorboard_writer(out) if rank == 0 else None), []
 
+    # Saved with every checkpoint: the config, and what it trained on (eval.py counts test questions seen).
+    described = {"train_config.json": dataclasses.asdict(cfg),
+                 "training_data.json": data.training_record(train_samples, root)}
+
     def save(step: int, folder: Path) -> None:
         state = {"step": step, "schedule": schedule.state_dict(), "order": torch.tensor(order, dtype=torch.long),
                  "order_rng": order_rng.get_state(), "sampling_rng": sampling_rng.get_state(),
                  "base_accuracy": base_accuracy, "world": world}
-        modellib.save_checkpoint(policy, processor, folder, {"train_config.json": dataclasses.asdict(cfg)},
-                                 optimizer, state)
+        modellib.save_checkpoint(policy, processor, folder, described, optimizer, state)
 
     def run_eval(step: int) -> float:
         summary = evaluation.summarize(evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
@@ -420,7 +434,7 @@ def main():
         else:
             # ---- rollout: G completions for each of this rank's B prompts (row i is prompt i // G)
             rollout = modellib.sample(policy, prompts, G, cfg.max_new_tokens, end_ids, banned_ids,
-                                      cfg.temperature, cfg.top_p, generator=sampling_rng,
+                                      cfg.temperature, cfg.top_p, cfg.top_k, generator=sampling_rng,
                                       rows=(rank * B * G, world * B * G), compile_decode=cfg.compile_decode)
             t_rollout = time.time() - t0
             # ---- rule rewards on the decoded text, then advantages and the policy update
@@ -477,7 +491,7 @@ def main():
                     shutil.rmtree(old)
 
     final_accuracy = run_eval(cfg.steps)
-    modellib.save_checkpoint(policy, processor, out / "final", {"train_config.json": dataclasses.asdict(cfg)})
+    modellib.save_checkpoint(policy, processor, out / "final", described)
     print0(f"held-out accuracy: base {base_accuracy:.3f} -> final {final_accuracy:.3f} "
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
     if rank == 0:

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 import data
 import eval as evaluation
@@ -36,7 +37,7 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
 
     with open(tmp_path / "tables" / "accuracy.csv") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["trained_on", *sorted(data.MODALITIES), "average"]
+    assert table[0] == ["trained_on", *sorted(data.MODALITIES), "average", "pooled"]
     assert [row[0] for row in table[1:]] == ["random guess", "CT", "MRI"]
     held_out = data.split_by_image(data.load_omnimedvqa(fixture_root))[1]
     for j, modality in enumerate(sorted(data.MODALITIES), start=1):
@@ -44,12 +45,31 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
         samples = [s for s in held_out if s["modality"] == modality]
         assert float(table[1][j]) == pytest.approx(100 * sum(1 / len(s["options"]) for s in samples) / len(samples),
                                                    abs=0.006)
+    # The chance row's pooled figure is over every question, not the mean of the columns.
+    assert float(table[1][-1]) == pytest.approx(100 * sum(1 / len(s["options"]) for s in held_out) / len(held_out),
+                                                abs=0.006)
     for row, checkpoint in zip(table[2:], checkpoints):
-        values = [float(v) for v in row[1:-1]]
-        assert float(row[-1]) == pytest.approx(sum(values) / len(values), abs=0.006)
+        values = [float(v) for v in row[1:-2]]
+        assert float(row[-2]) == pytest.approx(sum(values) / len(values), abs=0.006)
         results = json.loads((tmp_path / checkpoint.split("/")[-2] / "final" / "eval_results.json").read_text())
         assert values == [round(100 * results["per_test_set"][m]["accuracy"], 2) for m in sorted(data.MODALITIES)]
-    assert "### accuracy_medr1_strict" in (tmp_path / "tables" / "accuracy.md").read_text()
+        # Trained on one modality, tested on the root's held-out side of all: no test image was seen.
+        assert results["overall"]["seen_images"] == results["overall"]["trained_questions"] == 0
+    markdown = (tmp_path / "tables" / "accuracy.md").read_text()
+    assert all(f"### {key}" in markdown for key in [*evaluation.SCORERS, "seen_images", "trained_questions"])
+
+    # Med-R1's CT test file holds every CT question of the root: the CT checkpoint trained on
+    # the root's training side, so evaluation counts the questions it saw, and warns.
+    ct_file = str(fixture_root / f"{data.MODALITIES['CT']}_test.json")
+    out = run(["eval.py", "--checkpoints", checkpoints[0], "--split_files", ct_file, "--data", str(fixture_root),
+               "--max_new_tokens", "8", "--output", str(tmp_path / "ct-file")])
+    training = {data.question_key(s) for s in data.split_by_image(data.load_omnimedvqa(fixture_root,
+                                                                                       modalities=["CT"]))[0]}
+    test = data.load_medr1_split(ct_file, image_root=fixture_root)
+    overall = json.loads((tmp_path / "CT" / "final" / "eval_results.json").read_text())["overall"]
+    assert overall["trained_questions"] == pytest.approx(sum(data.question_key(s) in training for s in test) /
+                                                         len(test)) and overall["trained_questions"] > 0.5
+    assert "warning" in out and "not a held-out accuracy" in out
 
 
 def test_eval_on_medr1_split_files_makes_one_column_per_file(fixture_root, tiny_path, tmp_path):
@@ -58,32 +78,49 @@ def test_eval_on_medr1_split_files_makes_one_column_per_file(fixture_root, tiny_
          "--max_new_tokens", "8", "--output", str(tmp_path)])
     with open(tmp_path / "accuracy.csv") as f:
         header = next(csv.reader(f))
-    assert header == ["trained_on", "CT", "OCT", "average"]
+    assert header == ["trained_on", "CT", "OCT", "average", "pooled"]
     results = json.loads((tiny_path / "eval_results.json").read_text())
     assert results["overall"]["questions"] == sum(len(json.loads(open(f).read())) for f in files)
+    assert "seen_images" not in results["overall"]  # the base model does not say what it was trained on
 
 
-def test_summary_counts_both_accuracies_and_parse_failures():
-    results = [{"correct": True, "strict_correct": False, "choice": "B", "rationale_chars": 10},
-               {"correct": False, "strict_correct": False, "choice": None, "rationale_chars": 0},
-               {"correct": True, "strict_correct": True, "choice": "A", "rationale_chars": 20},
-               {"correct": False, "strict_correct": False, "choice": "C", "rationale_chars": 30}]
+def test_summary_averages_every_scorer_and_counts_parse_failures():
+    scorers = ["accuracy", "accuracy_medr1_think", "accuracy_medr1_raw", "accuracy_medr1_reward"]
+    results = [{**dict(zip(scorers, [1.0, 0.0, 0.0, 0.0])), "choice": "B", "rationale_chars": 10},
+               {**dict(zip(scorers, [0.0, 0.0, 1.0, 0.0])), "choice": None, "rationale_chars": 0},
+               {**dict(zip(scorers, [1.0, 1.0, 0.0, 1.0])), "choice": "A", "rationale_chars": 20},
+               {**dict(zip(scorers, [0.0, 0.0, 0.0, 0.0])), "choice": "C", "rationale_chars": 30}]
     summary = evaluation.summarize(results)
-    assert summary == {"accuracy": 0.5, "accuracy_medr1_strict": 0.25, "parse_failures": 0.25,
-                       "rationale_chars": 15.0, "questions": 4}
+    assert summary == {"accuracy": 0.5, "accuracy_medr1_think": 0.25, "accuracy_medr1_raw": 0.25,
+                       "accuracy_medr1_reward": 0.25, "parse_failures": 0.25, "rationale_chars": 15.0,
+                       "questions": 4}
 
 
-def test_stopping_at_the_closed_answer_keeps_the_answer(tiny, modality_split):
+def test_evaluation_reads_the_last_tag_as_the_reward_does_even_after_one_inside_think(tiny, modality_split,
+                                                                                      single_process_group):
+    """think-before: a model taught to write a wrong letter in a tag inside <think>, then the gold letter.
+
+    Evaluation decodes to the end and reads the last tag, as the training reward
+    does; stopping at the first </answer> would have scored the wrong letter.
+    """
     model, processor = tiny
-    prompts = data.collate(modality_split[1][:6], processor, "think-after")
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    full = modellib.sample(model, prompts, 1, 32, end_ids, [], temperature=0.0)
-    short = modellib.sample(model, prompts, 1, 32, end_ids, [], temperature=0.0,
-                            stop=evaluation.answer_closed(processor.tokenizer))
-    full_texts, short_texts = modellib.decode(processor.tokenizer, full), modellib.decode(processor.tokenizer, short)
-    assert short.completion_mask.sum() < full.completion_mask.sum()
-    for whole, cut in zip(full_texts, short_texts):
-        assert cut.endswith("</answer>") and whole.startswith(cut) and "<think>" in whole
+    samples = modality_split[1][:4]
+    wrong = {s["id"]: next(letter for letter in s["options"] if letter != s["answer"]) for s in samples}
+    targets = [f"<think>Not <answer>{wrong[s['id']]}</answer>.</think><answer>{s['answer']}</answer>"
+               for s in samples]
+    prompts = data.collate(samples, processor, "think-before")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(80):
+        loss = modellib.sft_loss(model, processor.tokenizer, prompts, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    results = evaluation.evaluate(model, processor, samples, "think-before", torch.device("cpu"),
+                                  max_new_tokens=40, image_size=None)
+    assert [r["completion"] for r in results] == targets
+    for result, sample in zip(results, samples):
+        assert result["choice"] == sample["answer"] and result["accuracy"] == 1.0
+        assert result["accuracy_medr1_think"] == 0.0  # Med-R1's rule reads the first tag, as released
 
 
 def test_the_synthetic_questions_of_a_real_layout_fixture_load_with_shuffled_options(fixture_root):

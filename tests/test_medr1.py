@@ -1,4 +1,4 @@
-"""Med-R1's released split files and accuracy rule: the loader, the random-guess baseline and the strict reward."""
+"""Med-R1's released split files and rules: the loader, the random-guess baseline, its reward and evaluation rules."""
 
 import json
 import re
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import data
-from rewards import REWARDS, accuracy_medr1_strict, accuracy_reward, extract_choice, medr1_strict_choice
+from rewards import (REWARDS, accuracy_medr1_raw, accuracy_medr1_reward, accuracy_medr1_think, accuracy_reward,
+                     extract_choice, medr1_reward_choice)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "medr1-splits"
 needs_splits = pytest.mark.skipif(not SHARED.exists(), reason="../shared/medr1-splits is not in a user's checkout")
@@ -149,9 +150,9 @@ def test_split_file_named_after_neither_a_modality_nor_a_question_type_is_an_err
         data.load_medr1_split(write_split(tmp_path, "all_test.json", [GOOD]))
 
 
-# Gold is C. completion, Med-R1's strict choice, our robust choice (rewards.extract_choice).
+# Gold is C. completion, the choice of Med-R1's training reward, our robust choice (rewards.extract_choice).
 OPTIONS = {"A": "CT", "B": "MRI", "C": "X-Ray", "D": "Ultrasound"}
-STRICT_TABLE = [
+REWARD_TABLE = [
     ("<answer> C </answer>", "C", "C"),
     ("<think>Bones are bright.</think><answer>C</answer>", "C", "C"),
     ("<answer>D</answer>", "D", "D"),
@@ -175,14 +176,50 @@ STRICT_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("completion, strict, robust", STRICT_TABLE)
-def test_medr1_strict_accuracy_reproduces_the_released_rule(completion, strict, robust):
+@pytest.mark.parametrize("completion, medr1, robust", REWARD_TABLE)
+def test_medr1_training_reward_reproduces_the_released_string_match(completion, medr1, robust):
     sample = {"options": OPTIONS, "answer": "C"}
-    assert medr1_strict_choice(completion) == strict
-    assert accuracy_medr1_strict(completion, sample) == float(strict == "C")
+    assert medr1_reward_choice(completion) == medr1
+    assert accuracy_medr1_reward(completion, sample) == float(medr1 == "C")
     assert extract_choice(completion, OPTIONS) == robust
     assert accuracy_reward(completion, sample) == float(robust == "C")
 
 
-def test_medr1_strict_accuracy_is_registered_by_name():
-    assert REWARDS["accuracy_medr1_strict"] is accuracy_medr1_strict
+def test_medr1_training_reward_is_registered_by_name():
+    assert REWARDS["accuracy_medr1_reward"] is accuracy_medr1_reward
+
+
+# Gold is C. completion, then by hand from Med-R1's released src/eval_vqa scripts: the think
+# rule (the first match of <answer>\s*(\w+)\s*</answer>, compared with ==; no match is wrong)
+# and the no-think / zero-shot rule (the decoded output itself, unstripped, compared with ==).
+EVAL_TABLE = [
+    ("<answer>C</answer>", 1, 0),
+    ("<answer> C </answer>", 1, 0),
+    ("<answer>\nC\n</answer>", 1, 0),  # \s matches newlines
+    ("<think>Bones are bright.</think><answer>C</answer>", 1, 0),
+    ("C", 0, 1),
+    (" C", 0, 0),
+    ("C\n", 0, 0),
+    ("C.", 0, 0),
+    ("<answer>C.</answer>", 0, 0),
+    ("<answer>c</answer>", 0, 0),
+    ("<answer>(C)</answer>", 0, 0),
+    ("<answer>C) X-Ray</answer>", 0, 0),
+    ("<answer>X-Ray</answer>", 0, 0),
+    ("<answer>CT</answer>", 0, 0),
+    ("<answer>A</answer><answer>C</answer>", 0, 0),
+    # The first tag that holds one word counts, so a malformed first tag passes the turn.
+    ("<answer>C.</answer> <answer>C</answer>", 1, 0),
+    ("<think>Maybe <answer>A</answer>.</think><answer>C</answer>", 0, 0),
+    ("<answer>C</answer", 0, 0),
+    ("<ANSWER>C</ANSWER>", 0, 0),
+    ("The answer is C", 0, 0),
+    ("", 0, 0),
+]
+
+
+@pytest.mark.parametrize("completion, think, raw", EVAL_TABLE)
+def test_medr1_evaluation_rules_reproduce_the_released_scripts(completion, think, raw):
+    sample = {"options": OPTIONS, "answer": "C"}
+    assert accuracy_medr1_think(completion, sample) == think
+    assert accuracy_medr1_raw(completion, sample) == raw

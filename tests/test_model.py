@@ -190,6 +190,33 @@ def test_sampling_follows_the_model_distribution(tiny, mixed_samples):
     assert (counts - probs).abs().max() < 0.03
 
 
+def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(tiny, mixed_samples):
+    """4000 first tokens with top-k 3: only the 3 most likely are drawn, in proportion to their
+    renormalised probabilities; the reported log-prob is that of the full distribution."""
+    _, processor = tiny
+    torch.manual_seed(1)
+    model = Qwen2VLForConditionalGeneration(modellib.tiny_config(processor.tokenizer)).eval()  # a flat distribution
+    batch = encode(processor, mixed_samples[:1], [(56, 56)])
+    with torch.no_grad():
+        probs = model(**vars(batch)).logits[0, -1].softmax(-1)
+    assert probs.topk(3).values.sum() < 0.1  # without top-k, 9 draws in 10 would be other tokens
+    rollout = modellib.sample(model, batch, 4000, 1, [], [], temperature=1.0, top_k=3,
+                              generator=torch.Generator().manual_seed(0))
+    top3 = probs.topk(3).indices
+    drawn = rollout.completion_ids[:, 0]
+    assert torch.isin(drawn, top3).all()
+    counts = torch.bincount(drawn, minlength=probs.numel())[top3] / 4000
+    assert (counts - probs[top3] / probs[top3].sum()).abs().max() < 0.03
+    torch.testing.assert_close(rollout.logprobs[:, 0], probs.log()[drawn], rtol=0, atol=1e-5)
+
+
+def test_top_k_filter_keeps_the_k_largest_logits():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, 5.0, 1.0]])
+    assert modellib.top_k_filter(logits, 2).isfinite().tolist() == [[True, False, True, False],
+                                                                    [False, True, True, False]]
+    assert torch.equal(modellib.top_k_filter(logits, 0), logits)
+
+
 def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_samples, tmp_path):
     """Sharded safetensors with an index, chat_template.json, the real preprocessor_config keys."""
     model, processor = tiny

@@ -32,6 +32,13 @@ TABLE = [
     ("<answer>a</answer>", (0, 0, 1), 1),
     ("<answer>CT</answer>", (0, 0, 1), 1),
     ("<answer>ct</answer>", (0, 0, 1), 1),
+    # Wrappers a model writes around its answer: markdown emphasis, code quotes, an "Answer:" label.
+    ("<answer>**A**</answer>", (0, 0, 1), 1),
+    ("<answer>`A`</answer>", (0, 0, 1), 1),
+    ("<answer>Answer: A</answer>", (0, 0, 1), 1),
+    ("<answer>**Answer:** A) CT</answer>", (0, 0, 1), 1),
+    ("<answer>Final answer: *ct*</answer>", (0, 0, 1), 1),
+    ("**Answer: A**", (0, 0, 0), 1),
     # Wrong, ambiguous or invalid answers.
     ("<answer>B</answer>", (0, 0, 1), 0),
     ("<answer>MRI</answer>", (0, 0, 1), 0),
@@ -42,6 +49,10 @@ TABLE = [
     ("<answer>E</answer>", (0, 0, 1), 0),
     ("<answer>I</answer>", (0, 0, 1), 0),
     ("<answer>a lesion in the lung</answer>", (0, 0, 1), 0),
+    ("<answer>**A** or **B**</answer>", (0, 0, 1), 0),
+    ("<answer>Answer: A and B</answer>", (0, 0, 1), 0),
+    ("<answer>Answer: B</answer>", (0, 0, 1), 0),
+    ("<answer>The answer is A</answer>", (0, 0, 1), 0),
     # The last <answer> tag counts, even one written inside <think>.
     ("<think>Maybe <answer>B</answer>? No.</think><answer>A</answer>", (0, 1, 0), 1),
     ("<answer>A</answer><think>Or rather <answer>B</answer></think>", (1, 0, 0), 0),

@@ -245,3 +245,12 @@ def test_two_nodes_with_hybrid_sharding_train_like_one(tiny_path, tmp_path):
     weights_two = load_file(tmp_path / "nodes" / "final" / "model.safetensors")
     for name in weights_one:
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-5)
+
+
+def test_epochs_set_the_number_of_steps_from_the_training_size(tiny_path, tmp_path):
+    """1,280 training questions (the tiny default) x 0.01 epochs / 4 prompts per step = 3.2: 4 steps."""
+    out = run(["train.py", "--epochs", "0.01", "--top_k", "5", "--output_dir", str(tmp_path), *SMALL])
+    assert "1280 training" in out and "--epochs 0.01: 4 steps of 4 prompts" in out
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+    config = json.loads((tmp_path / "final" / "train_config.json").read_text())
+    assert (config["steps"], config["epochs"], config["top_k"]) == (4, 0.01, 5)

@@ -1,0 +1,125 @@
+"""No test question is ever trained on: every combination of split files and filters, held apart."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import data
+
+CT_TRAIN, CT_TEST, MRI_TEST = ("CT(Computed Tomography)_train.json", "CT(Computed Tomography)_test.json",
+                               "MR (Mag-netic Resonance Imaging)_test.json")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A small root in OmniMedVQA's layout and Med-R1-style split files that overlap the root's own split.
+
+    The CT train file holds the CT questions of three types on every CT image, the
+    CT test file those of three types on the images from the 8th on: one type in
+    both (the same questions), and those images in both; the MRI test file holds every MRI question, most of them on the
+    training side of the root's own 80/20 split.
+    """
+    root = data.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
+
+    def write(name, samples):
+        records = [{"image": s["image"].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
+                    "solution": f"<answer> {s['answer']} </answer>"} for s in samples]
+        (root / name).write_text(json.dumps(records))
+
+    ct = data.load_omnimedvqa(root, modalities=["CT"])
+    write(CT_TRAIN, [s for s in ct if s["question_type"] in data.QUESTION_TYPES[:3]])
+    write(CT_TEST, [s for s in ct if s["question_type"] in data.QUESTION_TYPES[2:] and Path(s["image"]).stem >= "00008"])
+    write(MRI_TEST, data.load_omnimedvqa(root, modalities=["MRI"]))
+    return root
+
+
+def questions(samples):
+    return {data.question_key(s) for s in samples}
+
+
+def images(samples):
+    return {s["image"] for s in samples}
+
+
+SPLIT_FLAGS = {"no files": ("", ""), "train file": (CT_TRAIN, ""), "test files": ("", f"{CT_TEST},{MRI_TEST}"),
+               "both files": (CT_TRAIN, CT_TEST)}
+FILTERS = {"all": ([], []), "CT": (["CT"], []), "MRI": (["MRI"], []),
+           "Disease Diagnosis": ([], ["Disease Diagnosis"])}
+
+
+@pytest.mark.parametrize("drop_test_images", [True, False])
+@pytest.mark.parametrize("filters", FILTERS)
+@pytest.mark.parametrize("flags", SPLIT_FLAGS)
+def test_no_training_question_is_a_test_question_whatever_the_flags(root, flags, filters, drop_test_images):
+    train_split, test_split = [",".join(str(root / f) for f in files.split(",")) if files else ""
+                               for files in SPLIT_FLAGS[flags]]
+    modalities, question_types = FILTERS[filters]
+    # A file named after a modality holds no question types and only that modality; the MRI
+    # test file holds every MRI question, and the CT train file every CT image, so that one
+    # leaves the root no CT image to test on.
+    error = ("no training samples" if (train_split and (question_types or modalities == ["MRI"])) or
+             (flags, filters) == ("test files", "MRI") else
+             "no test samples" if test_split and question_types else
+             "pass --test_split" if (flags, filters, drop_test_images) == ("train file", "CT", True) else None)
+    if error:
+        with pytest.raises(data.DataError, match=error):
+            data.load_splits(root, modalities, question_types, train_split, test_split, drop_test_images)
+        return
+    train, held_out, notes = data.load_splits(root, modalities, question_types, train_split, test_split,
+                                              drop_test_images)
+    assert train and held_out
+    # Every test set evaluation can use: the held-out side train.py evaluates on, the given
+    # test files whole (any modality), and, unless a train file was given, the root's own
+    # test side whole (eval.py without split files, with any filter).
+    test_sets = [held_out] + [data.load_medr1_split(root / f, image_root=root) for f in
+                              SPLIT_FLAGS[flags][1].split(",") if f]
+    if not train_split:
+        test_sets.append(data.load_splits(root, [], [])[1])
+    for test in test_sets:
+        assert not questions(train) & questions(test)
+        if drop_test_images or not (train_split or test_split):
+            assert not images(train) & images(test)
+    if drop_test_images and test_split:
+        assert "share an image" in notes[0] and "still on both sides" not in notes[0]
+
+
+def test_files_that_share_images_are_reported_and_kept_apart_by_question_only_when_asked(root):
+    train_split, test_split = str(root / CT_TRAIN), str(root / CT_TEST)
+    every_train = data.load_medr1_split(train_split, image_root=root)
+    train, test, [note] = data.load_splits(root, [], [], train_split, test_split, drop_test_images=False)
+    # By hand: the Disease Diagnosis questions are in both files, and every image of the test file
+    # also holds a training question of another type.
+    shared = [s for s in every_train if s["question_type"] == "" and data.question_key(s) in questions(test)]
+    assert len(shared) == sum(1 for s in every_train if data.question_key(s) in questions(test)) > 0
+    assert len(train) == len(every_train) - len(shared)
+    assert note.startswith(f"{len(shared)} training questions removed: {len(shared)} are questions of the test split")
+    assert f"{len(images(test))} images of the test split are still on both sides" in note
+    dropped, _, [note] = data.load_splits(root, [], [], train_split, test_split, drop_test_images=True)
+    assert not images(dropped) & images(test) and len(dropped) < len(train)
+    assert "still on both sides" not in note
+
+
+def test_a_train_file_without_a_test_file_that_covers_the_held_out_side_stops_the_run(root, tmp_path):
+    every_question = data.load_omnimedvqa(root)
+    records = [{"image": s["image"].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
+                "solution": f"<answer> {s['answer']} </answer>"} for s in every_question]
+    (tmp_path / "CT(Computed Tomography)_train.json").write_text(json.dumps(records))
+    with pytest.raises(data.DataError, match="pass --test_split"):
+        data.load_splits(root, [], [], str(tmp_path / "CT(Computed Tomography)_train.json"))
+
+
+def test_the_root_is_split_before_filtering_so_any_filter_sees_the_same_sides(root):
+    train, test, _ = data.load_splits(root, [], [])
+    for modalities, question_types in FILTERS.values():
+        filtered_train, filtered_test, _ = data.load_splits(root, modalities, question_types)
+        assert filtered_train == data.select(train, modalities, question_types)
+        assert filtered_test == data.select(test, modalities, question_types)
+
+
+def test_the_training_record_counts_the_test_images_and_questions_it_holds(root):
+    train, test, _ = data.load_splits(root, [], [])
+    record = data.training_record(train[:10] + test[:3], root)
+    assert all(not path.startswith("/") for path in record["images"])  # relative: holds on any machine
+    seen = data.seen_in_training(record, test, root)
+    assert seen == {"test_images": len(images(test)), "seen_images": len(images(test[:3])), "seen_questions": 3}
