@@ -249,7 +249,8 @@ def main():
         for name, by_column in rows.items():
             for summary, key in [(summary, key) for summary in by_column.values() for key in seen_keys]:
                 summary.setdefault(key, 0.0 if name == "random guess" else math.nan)
-        print("\naccuracy (%), ours\n" + matrix_markdown(rows, columns, "accuracy"))
+        print("\naccuracy (%), ours; average: the unweighted mean over the test sets, pooled: over every "
+              "question\n" + matrix_markdown(rows, columns, "accuracy"))
         print("\nevery scorer (%), the unweighted mean over the test sets\n" + scorers_markdown(rows, columns))
         for key in seen_keys:
             print(f"\n{key} (%; nan: the checkpoint does not say what it trained on)\n" +

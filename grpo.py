@@ -36,7 +36,13 @@ policy pi_old and score each with rule rewards r_i (rewards.py). Then:
       dr_grpo L = (1 / (N * T_max)) sum_{i,t} x_{i,t}
               a constant denominator, T_max the completion length limit, so
               no length bias at all (Liu et al. 2025, "Understanding R1-Zero-
-              like training", Dr. GRPO).
+              like training", Dr. GRPO). N counts the completions that have a
+              loss: one masked whole (--mask_truncated) or filtered out
+              (--filter_zero_std) is in neither sum. TRL's GRPOTrainer divides
+              by every completion of the batch, masked or not
+              (per_token_loss.size(0) * max_completion_length), so with masked
+              rows its loss is smaller than ours by their share; without
+              them the two are equal.
     N, sum_i |o_i| are counted over the whole optimizer step: all ranks and all
     pieces of the batch. Each piece passes its share of the denominator in
     (`denominator`: the global count divided by the number of ranks, since the
