@@ -25,14 +25,18 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+import common
 import data
 import model as modellib
 import rewards
+import tiny
 import train
 
 
 @dataclass
 class BenchConfig:
+    """Our GRPO step against TRL's GRPOTrainer, side by side; every flag is a field here."""
+
     steps: int = 10  # timed steps, after the warm-up
     warmup: int = 2  # untimed steps first
     prompts: int = 8  # prompts per step
@@ -49,14 +53,14 @@ class BenchConfig:
 
 
 def bench_samples(cfg: BenchConfig) -> list[dict]:
-    root = train.dataset_root(train.Config())
-    samples = data.load_omnimedvqa(root, question_types=["Modality Recognition"])
-    return [dict(s, mode="think-after") for s in samples[:cfg.prompts * (cfg.steps + cfg.warmup)]]
+    root = tiny.dataset_root("", ".cache")
+    samples = data.load_omnimedvqa(root, question_types=[tiny.QUESTION_TYPE])
+    return samples[:cfg.prompts * (cfg.steps + cfg.warmup)]
 
 
 def bench_model(cfg: BenchConfig) -> str:
     """--model, or the embedded tiny model (built on first use)."""
-    return train.model_path(train.Config(model=cfg.model), train.dataset_root(train.Config()))
+    return tiny.model_path(cfg.model, ".cache", tiny.dataset_root("", ".cache"))
 
 
 def bench_processor(cfg: BenchConfig, path: str) -> modellib.Processor:
@@ -65,31 +69,30 @@ def bench_processor(cfg: BenchConfig, path: str) -> modellib.Processor:
 
 
 def ours(cfg: BenchConfig) -> dict:
-    """Median seconds per GRPO step of this project (FSDP2 on one process, as python train.py runs)."""
+    """Median seconds per GRPO step of this project (train.grpo_iteration, FSDP2 on one process)."""
     path, samples, device = bench_model(cfg), bench_samples(cfg), torch.device(cfg.device)
     processor = bench_processor(cfg, path)
     train_cfg = train.Config(num_generations=cfg.generations, prompts_per_step=cfg.prompts, lr=5e-4,
-                             max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype,
-                             grad_checkpointing=cfg.grad_checkpointing)
+                             max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, image_size=cfg.image_size,
+                             grad_checkpointing=cfg.grad_checkpointing, compile_decode=cfg.compile_decode)
     policy, reference = train.load_models(train_cfg, path, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    # No end token: every completion runs to completion_tokens, as on TRL's side.
+    decoding = modellib.Decoding(cfg.completion_tokens)
     generator = torch.Generator().manual_seed(0)
-    G, times, prefills = cfg.generations, [], []
+    times, prefills = [], []
     for step in range(cfg.warmup + cfg.steps):
         batch = samples[step * cfg.prompts:(step + 1) * cfg.prompts]
         start = time.perf_counter()
-        prompts = data.collate(batch, processor, "think-after", cfg.image_size).to(device)
-        rollout = modellib.sample(policy, prompts, G, cfg.completion_tokens, [], [], 1.0, generator=generator,
-                                  compile_decode=cfg.compile_decode)
-        texts = modellib.decode(processor.tokenizer, rollout)
-        reward_table = train.score(texts, [s for s in batch for _ in range(G)], ["format", "accuracy"])
-        train.grpo_step(train_cfg, policy, reference, optimizer, schedule, prompts, batch, rollout, reward_table)
+        train.grpo_iteration(train_cfg, policy, reference, optimizer, schedule, processor, batch, decoding,
+                             generator)
         synchronize(device)
         if step >= cfg.warmup:
             times.append(time.perf_counter() - start)
+            prompts = data.collate(batch, processor, "think-after", cfg.image_size).to(device)
             start = time.perf_counter()
-            modellib.sample(policy, prompts, G, 1, [], [], 1.0, generator=generator)
+            modellib.sample(policy, prompts, cfg.generations, modellib.Decoding(1), generator=generator)
             synchronize(device)
             prefills.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "prefill_s": statistics.median(prefills)}
@@ -164,7 +167,7 @@ def child(cfg: BenchConfig, run: str, **changes) -> dict | None:
 
 
 def main():
-    cfg = train.parse_args(BenchConfig)
+    cfg = common.parse_args(BenchConfig)
     if cfg.run:
         cuda = cfg.device == "cuda"
         if cuda:

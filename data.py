@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import rewards
+
 # Med-R1's names for the 8 modalities -> OmniMedVQA's `modality_type` strings
 # (which are also the stems of Med-R1's split files, typos included).
 MODALITIES = {
@@ -44,29 +46,6 @@ QUESTION_TYPES = [
 ]
 LETTERS = "ABCD"
 
-# The user text after the image. think-before and no-think are Med-R1's
-# released training templates, verbatim; think-after is ours, in their style.
-PROMPTS = {
-    "think-after": "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
-    "<answer>...</answer> tags. 2. Then explain your reasoning briefly, enclosed in <think>...</think> tags. "
-    "3. No extra information or text outside of these tags.",
-    "think-before": "{problem} Your task: 1. Think through the question step by step, enclose your reasoning "
-    "process in <think>...</think> tags. 2. Then provide the correct single-letter choice (A, B, C, D,...) "
-    "inside <answer>...</answer> tags. 3. No extra information or text outside of these tags.",
-    "no-think": "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
-    "<answer>...</answer> tags. 2. No extra information or text outside of this tag.",
-}
-# Med-R1's released evaluation wordings (they differ from its training templates);
-# eval.py --prompt_mode takes these too, to reproduce the paper's numbers exactly.
-EVAL_PROMPTS = {
-    "medr1-eval-think": "{problem} Think through the question step by step in <think>...</think> tags. "
-    "Then provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags.",
-    "medr1-eval-no-think": "{problem} Provide the correct single-letter choice (A, B, C, D,...) inside "
-    "<answer>...</answer> tags.",
-    "zero-shot": "{problem} Provide the correct single-letter choice (A, B, C, D,...).",
-}
-
-
 def problem_text(sample: dict) -> str:
     """Med-R1's `problem` string: the question, a space, then `A)text, B)text, ...`."""
     options = ", ".join(f"{letter}){text}" for letter, text in sample["options"].items())
@@ -74,8 +53,8 @@ def problem_text(sample: dict) -> str:
 
 
 def build_prompt(sample: dict, mode: str) -> str:
-    """The user text (after the image) for a prompt mode."""
-    return (PROMPTS | EVAL_PROMPTS)[mode].format(problem=problem_text(sample))
+    """The user text (after the image) for a prompt mode (rewards.MODES)."""
+    return rewards.MODES[mode].template.format(problem=problem_text(sample))
 
 
 # ---------------------------------------------------------------- loading
@@ -202,8 +181,8 @@ def random_guess_accuracy(samples: list[dict]) -> float:
 
 
 def load_splits(root, modalities: list, question_types: list, train_split: str = "", test_split: str = "",
-                drop_test_images: bool = True, errors: list | None = None) -> tuple[list, list, list[str]]:
-    """Train and test samples, and notes on what was held apart: no test question is ever trained on.
+                drop_test_images: bool = True, skip_bad_records: bool = False, log=print) -> tuple[list, list]:
+    """Train and test samples: no test question is ever trained on; what was held apart goes to log.
 
     Without split files, root is split 80/20 by image as a whole and only then
     filtered, so every image has one side whatever the filters: a model trained
@@ -211,13 +190,13 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
     takes its questions (with drop_test_images, every question on its images)
     out of the training side; a train split file without a test file takes its
     questions (images) out of root's test side. Every image is checked once
-    here, before training; a bad record raises DataError naming it, or with an
-    errors list is recorded there and dropped.
+    here, before training; a bad record raises DataError naming it, or with
+    skip_bad_records is dropped and counted.
     """
     def from_files(files: str) -> list[dict]:
         return [s for f in files.split(",") for s in load_medr1_split(f, image_root=root)]
 
-    train, test, notes = [], [], []
+    train, test, notes, errors = [], [], [], [] if skip_bad_records else None
     if not (train_split and test_split):
         train, test = split_by_image(load_omnimedvqa(root, errors=errors))
     train = from_files(train_split) if train_split else train
@@ -239,7 +218,9 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
         raise DataError(f"no test samples in {test_split or root} for modalities={modalities}, question_types="
                         f"{question_types}" + (f" ({notes[0]}): pass --test_split with the test file that matches "
                                                "--train_split" if train_split and not test_split else ""))
-    return train, test, notes
+    for note in notes + ([f"skipped {len(errors)} bad records; the first: {errors[0]}"] if errors else []):
+        log(note)
+    return train, test
 
 
 def question_key(sample: dict) -> tuple[str, str]:
@@ -338,6 +319,24 @@ def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
     return [s for s in samples if s["image"] not in bad]
 
 
+def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_tokens: int, limit: int) -> None:
+    """Stop before training if a prompt (chat text plus its image tokens) is longer than limit (0: none).
+
+    Prompts are never truncated: cutting through the image tokens would break
+    the model's forward, cutting the options would change the question.
+    """
+    if not limit:
+        return
+    texts = [chat_text(tokenizer, s, mode) for s in samples]
+    # The one <|image_pad|> of each chat text becomes visual_tokens of them.
+    lengths = [len(ids) - 1 + visual_tokens for ids in tokenizer(texts)["input_ids"]]
+    too_long = [(s["id"], n) for s, n in zip(samples, lengths) if n > limit]
+    if too_long:
+        raise DataError(f"{len(too_long)} prompts exceed --max_prompt_tokens {limit}, e.g. record "
+                        f"{too_long[0][0]!r} with {too_long[0][1]} tokens: raise the limit, lower --image_size, "
+                        "or remove those records")
+
+
 # ---------------------------------------------------------------- collation
 
 
@@ -383,129 +382,3 @@ def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
         pixel_values=torch.cat([blocks[i] for i in rows.tolist()]),  # (patches of the R images, D)
         image_grid_thw=batch.image_grid_thw[rows],  # (R, 3)
     )
-
-
-# ---------------------------------------------------------------- synthetic data
-# Eight procedural "modalities", each with its own colour and layout, and
-# image attributes that answer the other four question types. The attributes
-# are drawn at random; the letters follow from them, so nothing in the
-# question text gives the answer away.
-
-ANSWER_POOLS = {
-    "Modality Recognition": list(MODALITIES),
-    "Anatomy Identification": ["Brain", "Chest", "Abdomen", "Knee"],
-    "Disease Diagnosis": ["No", "Yes"],
-    "Lesion Grading": ["Grade I", "Grade II", "Grade III"],
-    "Other Biological Attributes": ["Left", "Right"],
-}
-QUESTIONS = {
-    "Modality Recognition": "What imaging modality was used to capture this image?",
-    "Anatomy Identification": "Which part of the body is shown in this image?",
-    "Disease Diagnosis": "Is there any abnormality in this image?",
-    "Lesion Grading": "What is the grade of the lesion in this image?",
-    "Other Biological Attributes": "On which side is the finding in this image?",
-}
-# (background RGB, foreground RGB, texture) per modality, in MODALITIES order.
-LOOKS = [
-    ((10, 10, 10), (200, 200, 200), "ring"),      # CT
-    ((40, 0, 60), (200, 140, 255), "blobs"),      # MRI
-    ((0, 0, 50), (230, 240, 255), "bars"),        # X-Ray
-    ((30, 20, 0), (200, 170, 90), "fan"),         # Ultrasound
-    ((230, 180, 150), (110, 60, 30), "disc"),     # Dermoscopy
-    ((20, 0, 0), (240, 110, 30), "disc"),         # Fundus Photography
-    ((0, 40, 40), (90, 220, 220), "layers"),      # OCT
-    ((240, 190, 230), (120, 40, 150), "dots"),    # Microscopy
-]
-
-
-def draw_image(modality_index: int, anatomy: int, lesion_grade: int, side: int, rng: np.random.Generator,
-               size: int) -> Image.Image:
-    """A procedural image: modality sets colour and texture, anatomy the body shape, the lesion its spot."""
-    background, foreground, texture = LOOKS[modality_index]
-    y, x = np.mgrid[0:size, 0:size] / size  # (S, S) each, in [0, 1)
-    cy, cx = 0.5 + rng.uniform(-0.05, 0.05, 2)
-    # Body outline: circle, wide ellipse, tall ellipse or square by anatomy.
-    ry, rx = [(0.35, 0.35), (0.28, 0.42), (0.42, 0.28), (0.33, 0.33)][anatomy]
-    if anatomy == 3:
-        body = (abs(y - cy) < ry) & (abs(x - cx) < rx)
-    else:
-        body = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1
-    pattern = {
-        "ring": np.abs(np.hypot(y - cy, x - cx) - 0.25) < 0.06,
-        "blobs": np.sin(12 * x + rng.uniform(0, 6)) * np.sin(12 * y) > 0.2,
-        "bars": (np.sin(20 * x + rng.uniform(0, 6)) > 0.3),
-        "fan": (np.abs(x - 0.5) < y * 0.6) & (rng.random((size, size)) > 0.4),
-        "disc": np.ones_like(x, dtype=bool),
-        "layers": np.sin(25 * y + rng.uniform(0, 6)) > 0,
-        "dots": rng.random((size, size)) > 0.85,
-    }[texture]
-    weight = (body & pattern)[..., None] * rng.uniform(0.7, 1.0)  # (S, S, 1)
-    pixels = np.array(background) * (1 - weight) + np.array(foreground) * weight  # (S, S, 3)
-    if lesion_grade > 0:
-        # A bright lesion on the left or right half; its radius grows with the grade.
-        ly, lx = cy + rng.uniform(-0.1, 0.1), cx + (-0.18 if side == 0 else 0.18)
-        lesion = np.hypot(y - ly, x - lx) < 0.04 + 0.03 * lesion_grade
-        pixels[lesion] = (255, 255, 0)
-    pixels = pixels + rng.normal(0, 8, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def synthetic_options(question_type: str, truth: int, rng: random.Random, fixed_order: bool) -> list[str]:
-    """The option texts for one question whose answer is ANSWER_POOLS[question_type][truth]."""
-    pool = ANSWER_POOLS[question_type]
-    if question_type == "Modality Recognition":
-        if fixed_order:
-            # The half of the modality list that holds the answer, in list order: the
-            # letter depends only on the image, which makes the task learnable fast.
-            return pool[truth // 4 * 4:truth // 4 * 4 + 4]
-        options = rng.sample([name for name in pool if name != pool[truth]], 3) + [pool[truth]]
-    else:
-        options = list(pool)
-    if not fixed_order:
-        rng.shuffle(options)
-    return options
-
-
-def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, seed: int = 0,
-                   fixed_order: bool = True) -> Path:
-    """Write a synthetic dataset in OmniMedVQA's layout under root (idempotent) and return root.
-
-    Every image gets one question of each of the 5 types; 2-4 options per
-    question. With fixed_order the options of a question type always come in
-    the same order (see synthetic_options); otherwise they are shuffled.
-    """
-    root = Path(root)
-    done = root / ".complete"
-    if done.exists():
-        return root
-    rng = np.random.default_rng(seed)
-    option_rng = random.Random(seed)
-    qa_dir = root / "QA_information" / "Open-access"
-    qa_dir.mkdir(parents=True, exist_ok=True)
-    for m, (name, modality_type) in enumerate(MODALITIES.items()):
-        dataset = f"Synthetic {name}"
-        (root / "Images" / dataset).mkdir(parents=True, exist_ok=True)
-        records = []
-        for i in range(images_per_modality):
-            anatomy, grade, side = int(rng.integers(4)), int(rng.integers(4)), int(rng.integers(2))
-            image_path = f"Images/{dataset}/{i:05d}.png"
-            draw_image(m, anatomy, grade, side, rng, image_size).save(root / image_path)
-            truths = [m, anatomy, int(grade > 0), grade - 1, side]  # index into ANSWER_POOLS, per type
-            for q, (question_type, truth) in enumerate(zip(QUESTION_TYPES, truths)):
-                if grade == 0 and question_type in ("Lesion Grading", "Other Biological Attributes"):
-                    continue  # no lesion: nothing to grade or locate
-                options = synthetic_options(question_type, truth, option_rng, fixed_order)
-                record = {
-                    "dataset": dataset,
-                    "question_id": f"{dataset}_{i:05d}_{q}",
-                    "question_type": question_type,
-                    "question": QUESTIONS[question_type],
-                    "gt_answer": ANSWER_POOLS[question_type][truth],
-                    "image_path": image_path,
-                    "modality_type": modality_type,
-                }
-                record.update({f"option_{L}": text for L, text in zip(LETTERS, options)})
-                records.append(record)
-        (qa_dir / f"{dataset}.json").write_text(json.dumps(records, indent=1))
-    done.touch()
-    return root

@@ -21,7 +21,6 @@ released rules. A checkpoint trained by train.py names what it trained on
 import csv
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import common
 import data
 import model as modellib
 import rewards
-import train
+import tiny
+from common import print0
 
 # Every answer is scored by each of these (completion, sample) -> 0 or 1.
 SCORERS = {
@@ -60,14 +61,13 @@ def evaluate(model, processor, samples: list[dict], mode: str, device, batch_siz
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(samples), world))  # (about len / world,) sample indices
     n_batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
+    greedy = modellib.decoding_for(model, processor.tokenizer, max_new_tokens, temperature=0.0)
     results = []
     for b in range(n_batches):
         indices = mine[b * batch_size:(b + 1) * batch_size]
         # A rank with nothing left still steps the model once per batch, on a sample it then ignores.
         prompts = data.collate([samples[i] for i in indices or [0]], processor, mode, image_size).to(device)
-        rollout = modellib.sample(model, prompts, 1, max_new_tokens, end_ids, banned, temperature=0.0)
+        rollout = modellib.sample(model, prompts, 1, greedy)
         for i, text in zip(indices, modellib.decode(processor.tokenizer, rollout)):
             sample = samples[i]
             think = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
@@ -118,7 +118,7 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
             values = [by_column[c]["accuracy"] * 100 for c in columns]
             writer.writerow([name, *[f"{v:.2f}" for v in values], f"{sum(values) / len(values):.2f}",
                              f"{by_column[POOLED]['accuracy'] * 100:.2f}"])
-    plt = train.pyplot("accuracy.png")
+    plt = common.pyplot("accuracy.png")
     if plt is None:
         return
     values = [[rows[name][c]["accuracy"] * 100 for c in columns] for name in rows]
@@ -138,6 +138,8 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
 
 @dataclass
 class EvalConfig:
+    """Greedy accuracy of checkpoints on test sets, one column per test set; every flag is a field here."""
+
     checkpoints: str = "runs/tiny/final"  # comma-separated model folders; several make a matrix, one row each
     split_files: str = ""  # comma-separated Med-R1 split files, one column each; empty = the held-out side of --data
     data: str = ""  # OmniMedVQA root (images of the split files too); empty = the synthetic data in cache_dir
@@ -156,7 +158,7 @@ class EvalConfig:
 
 
 def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
-    """Column name -> samples: one per split file, or the held-out split grouped by modality or question type."""
+    """Column name -> samples: one per split file, or root's held-out side by modality or question type."""
     sets = {}
     if cfg.split_files:
         errors = [] if cfg.skip_bad_records else None
@@ -164,10 +166,15 @@ def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
             samples = data.load_medr1_split(path, image_root=root)
             sets[samples[0]["modality"] or samples[0]["question_type"]] = data.check_images(samples, errors)
         if errors:
-            train.print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
+            print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
     else:
-        for sample in train.load_data(cfg, root)[1]:
-            sets.setdefault(sample["modality"] if cfg.columns == "modality" else sample["question_type"], []).append(sample)
+        question_types = cfg.question_types or ("" if cfg.data else tiny.QUESTION_TYPE)
+        _, held_out = data.load_splits(root, [m for m in cfg.modalities.split(",") if m],
+                                       [q for q in question_types.split(",") if q],
+                                       skip_bad_records=cfg.skip_bad_records, log=print0)
+        for sample in held_out:
+            column = sample["modality"] if cfg.columns == "modality" else sample["question_type"]
+            sets.setdefault(column, []).append(sample)
     return {name: samples[:cfg.max_samples or None] for name, samples in sorted(sets.items())}
 
 
@@ -201,10 +208,9 @@ def scorers_markdown(rows: dict, columns: list[str]) -> str:
 
 
 def main():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
-    cfg = train.parse_args(EvalConfig)
-    device = train.setup_distributed()
-    root = train.dataset_root(cfg)
+    cfg = common.parse_args(EvalConfig)
+    device = common.setup_distributed()
+    root = tiny.dataset_root(cfg.data, cfg.cache_dir)
     sets = test_sets(cfg, root)
     columns = list(sets)
     everything = [s for samples in sets.values() for s in samples]
@@ -217,7 +223,7 @@ def main():
         mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists() else
                                    "think-after")
         processor = modellib.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
-        train.print0(f"{checkpoint}: prompt mode {mode}, "
+        print0(f"{checkpoint}: prompt mode {mode}, "
                      f"{modellib.visual_tokens(processor, cfg.image_size or None)} visual tokens per image")
         model = modellib.load_model(checkpoint).to(device)
         modellib.shard(model, bf16=device.type == "cuda")
@@ -233,7 +239,7 @@ def main():
             name += "'"
         rows[name] = by_column
         if by_column[POOLED].get("trained_questions"):
-            train.print0(f"warning: {checkpoint} was trained on {by_column[POOLED]['trained_questions']:.1%} of "
+            print0(f"warning: {checkpoint} was trained on {by_column[POOLED]['trained_questions']:.1%} of "
                          "these test questions: its accuracy here is not a held-out accuracy")
         if dist.get_rank() == 0:
             overall = {"mean_over_test_sets": sum(by_column[c]["accuracy"] for c in columns) / len(columns),
@@ -257,7 +263,7 @@ def main():
                   matrix_markdown(rows, columns, key))
         write_tables(rows, columns, [*SCORERS, "parse_failures", *seen_keys],
                      Path(cfg.output or Path(cfg.checkpoints.split(",")[0])))
-    train.finish_distributed()
+    common.finish_distributed()
 
 
 if __name__ == "__main__":

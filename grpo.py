@@ -73,6 +73,7 @@ Shapes: N = B*G completions (each group's G rows contiguous), T completion token
 """
 
 import torch
+import torch.distributed as dist
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -92,6 +93,29 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Equation (4): per-token k3 estimate of KL(pi || pi_ref), same shape as the inputs."""
     log_ratio = ref_logprobs - logprobs
     return torch.exp(log_ratio) - log_ratio - 1
+
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def loss_count(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
+    """Equation (5)'s denominator over the completions of mask (N, T): the sequences that have a
+    loss (grpo), their tokens (dapo) or those sequences x T_max (dr_grpo)."""
+    sequences = (mask.sum(dim=1) > 0).sum().item()
+    T_max = max_completion_length or mask.shape[1]
+    return {"grpo": sequences, "dapo": mask.sum().item(), "dr_grpo": sequences * T_max}[loss_type]
+
+
+def global_loss_count(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
+    """This piece's share of the whole step's denominator: loss_count summed over every rank's piece
+    (a collective under torch.distributed), divided by the number of ranks, whose gradients are averaged."""
+    total = torch.tensor(float(loss_count(mask, loss_type, max_completion_length)), dtype=torch.float64,
+                         device=mask.device)
+    world = 1
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        world = dist.get_world_size()
+    return max(total.item(), 1) / world
 
 
 def policy_loss(
@@ -115,6 +139,8 @@ def policy_loss(
     denominator: this piece's share of equation (5)'s denominator; None means
     this batch is the whole step (N, sum_i |o_i| or N * T_max, counted here).
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     mask = mask.bool()
     ratio = torch.exp(logprobs - old_logprobs)  # (N, T)
     adv = advantages.unsqueeze(1)  # (N, 1), broadcast over tokens
@@ -126,20 +152,10 @@ def policy_loss(
         kl = kl_k3(logprobs, ref_logprobs)  # (N, T)
         per_token = per_token + beta * kl
     # torch.where, not a product: padding may hold any value, even inf.
-    per_token = torch.where(mask, per_token, 0)  # (N, T)
-    lengths = mask.sum(dim=1)  # (N,)
+    per_sequence = torch.where(mask, per_token, 0).sum(dim=1)  # (N,)
     if loss_type == "grpo":
-        total = (per_token.sum(dim=1) / lengths.clamp(min=1)).sum()  # sum over sequences of their means
-        denominator = denominator or len(lengths)
-    elif loss_type == "dapo":
-        total = per_token.sum()
-        denominator = denominator or max(lengths.sum().item(), 1)
-    elif loss_type == "dr_grpo":
-        total = per_token.sum()
-        denominator = denominator or len(lengths) * (max_completion_length or mask.shape[1])
-    else:
-        raise ValueError(f"loss_type must be 'grpo', 'dapo' or 'dr_grpo', got {loss_type!r}")
-    loss = total / denominator
+        per_sequence = per_sequence / mask.sum(dim=1).clamp(min=1)  # each sequence's own mean
+    loss = per_sequence.sum() / (denominator or max(loss_count(mask, loss_type, max_completion_length), 1))
 
     with torch.no_grad():
         n_tokens = max(mask.sum().item(), 1)

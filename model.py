@@ -1,4 +1,4 @@
-"""Everything that touches the network: loading, the tiny default, FSDP2, sampling, log-probs, saving.
+"""Everything that touches the network: loading, FSDP2, sampling, log-probs, saving.
 
 Shapes: B prompts, G samples per prompt, N = B*G rows, P prompt tokens,
 T completion tokens, V vocabulary.
@@ -7,7 +7,6 @@ T completion tokens, V vocabulary.
 import functools
 import json
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,28 +23,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 import data
 
-# Qwen2-VL's special tokens and chat template, as its tokenizer ships them.
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
 # The policy must never sample these: a stray <|image_pad|> breaks the training forward.
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 # ---------------------------------------------------------------- processor
@@ -118,96 +97,6 @@ def load_model(path, dtype=torch.float32):
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
 
 
-# ---------------------------------------------------------------- the embedded tiny default
-
-
-def warmup_target(sample: dict, mode: str, rng: random.Random) -> str:
-    """A completion in the mode's format with a uniformly random letter: format without knowledge."""
-    letter = rng.choice(list(sample["options"]))
-    reason = rng.choice(["The image shows it.", "This is what the image looks like.", "It fits the findings."])
-    return {
-        "think-after": f"<answer>{letter}</answer><think>{reason}</think>",
-        "think-before": f"<think>{reason}</think><answer>{letter}</answer>",
-        "no-think": f"<answer>{letter}</answer>",
-    }[mode]
-
-
-def train_tokenizer(samples: list[dict]) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE over the prompts and answer formats, plus Qwen2-VL's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    corpus = [data.build_prompt(s, mode) for s in samples for mode in data.PROMPTS]
-    corpus += [warmup_target(s, mode, random.Random(i)) for i, s in enumerate(samples) for mode in data.PROMPTS]
-    corpus += ["system\nYou are a helpful assistant."] * len(samples)
-    bpe = Tokenizer(models.BPE())
-    # Merges may cross word boundaries (use_regex=False), so the fixed prompt
-    # template becomes a few long tokens: short prompts make the tiny run fast.
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=1000, max_token_length=16, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    bpe.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE)
-
-
-def tiny_config(tokenizer):
-    """The real Qwen2-VL architecture at toy size (about 0.6 M parameters)."""
-    from transformers import Qwen2VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            # head_dim 32 -> 16 rotary frequencies split over (time, height, width).
-            rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-
-
-def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> Path:
-    """Build the embedded default once and cache it: tokenizer, random Qwen2-VL, format-only warm-up.
-
-    The warm-up is supervised on targets with the right tags and a uniformly
-    random letter, for every prompt mode and question type, so the base follows
-    the format but sits at chance: only the GRPO reward can teach the task.
-    """
-    from transformers import Qwen2VLForConditionalGeneration
-
-    folder = Path(folder)
-    if (folder / "model.safetensors").exists():
-        return folder
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    samples, _ = data.split_by_image(data.load_omnimedvqa(dataset_root))
-    # max_pixels 64 * 64, not 56 * 56: smart_resize floors, so any square image then becomes
-    # 56 x 56 pixels, 4 x 4 patches, 4 visual tokens.
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 64)
-    processor = Processor(train_tokenizer(samples), image_processor)
-    model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    for _ in range(warmup_steps):
-        batch_samples, mode = rng.sample(samples, 32), rng.choice(list(data.PROMPTS))
-        prompts = data.collate(batch_samples, processor, mode)
-        loss = sft_loss(model, processor.tokenizer, prompts, [warmup_target(s, mode, rng) for s in batch_samples])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.generation_config.eos_token_id = end_token_ids(model, processor.tokenizer)
-    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
-
-
 # ---------------------------------------------------------------- distributed
 
 
@@ -264,116 +153,71 @@ class Rollout:
     truncated: torch.Tensor  # (N,), True if the length limit came before an end token
 
 
+@dataclass
+class Decoding:
+    """How completions are drawn. Temperature 0 is greedy; top_k 0 and top_p 1 keep every token."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    end_ids: tuple[int, ...] = ()  # tokens that end a completion (none: every row runs to the limit)
+    banned_ids: tuple[int, ...] = ()  # tokens never drawn
+
+
+def decoding_for(model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0) -> Decoding:
+    """Decoding that ends at the model's end tokens and never draws a vision token."""
+    return Decoding(max_new_tokens, temperature, top_p, top_k, tuple(end_token_ids(model, tokenizer)),
+                    tuple(tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
+
+
 def decode(tokenizer, rollout: Rollout) -> list[str]:
     """Completion texts, end token and padding removed. Rewards score text, never token ids."""
     return [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
             for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
 
 
-def prompt_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> torch.Tensor:
-    """Qwen2-VL's 3-D rope positions (3, B, L): image tokens get (time, row, column), text counts on."""
-    positions, _ = model.model.get_rope_index(
-        input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask)
-    return positions
+def prefill(model, prompts: data.PromptBatch, cache=None):
+    """One forward over the B prompts and their images into a KV cache (a new one if None).
 
-
-@torch.no_grad()
-@gathered_once
-def sample(model, prompts: data.PromptBatch, group_size: int, max_new_tokens: int, end_ids: list[int],
-           banned_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
-           stop=None, compile_decode: bool = False) -> Rollout:
-    """G completions per prompt from one prefill per prompt; temperature 0 is greedy.
-
-    The prompt and its image are encoded once, then the KV cache is repeated G
-    times. Rows that ended leave the decode batch (once at least half of it has
-    ended, so the cache is copied a few times, not every token). Under
-    torch.distributed every rank keeps decoding until every row of every rank
-    has ended, so FSDP's collectives stay in step.
-
-    Each token is drawn by inverse-CDF sampling with one uniform number per row.
-    rows = (first row of this rank, rows on all ranks): every rank draws the
-    numbers for all rows from the same CPU generator and keeps its own, so the
-    completions do not depend on how the prompts are split over ranks.
-    stop(tokens (N, t)) -> (N,) bool may end rows early (e.g. at "</answer>").
-    compile_decode runs the one-token decode forward through torch.compile.
+    Returns the model output (logits of the last position only, (B, 1, V)) and
+    Qwen2-VL's 3-D rope positions (3, B, P): image tokens get (time, row,
+    column), text counts on. Used by sample() and token_logprobs() alike.
     """
-    G, device = group_size, prompts.input_ids.device
-    decode_step = torch.compile(model, dynamic=True) if compile_decode else model
-    positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
-                                 prompts.image_grid_thw)  # (3, B, P)
+    positions, _ = model.model.get_rope_index(prompts.input_ids, prompts.mm_token_type_ids,
+                                              image_grid_thw=prompts.image_grid_thw,
+                                              attention_mask=prompts.attention_mask)  # (3, B, P)
     out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
                 pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                mm_token_type_ids=prompts.mm_token_type_ids, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # every tensor in the cache: (B, ...) -> (N, ...)
-    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
-    N = logits.shape[0]
-    # The decode batch holds the rows `active` (n of the N); the cache, logits,
-    # attention mask and positions below have one row per active row.
-    active = torch.arange(N, device=device)  # (n,)
-    # Text after the prompt counts on from the prompt's largest position, whatever the padding.
-    next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (n,)
-    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (n, P)
-    filler = end_ids[0] if end_ids else 0  # what rows that ended emit (masked out)
-    end_ids = torch.tensor(end_ids, dtype=torch.long, device=device)
-    banned_ids = torch.tensor(banned_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)
-    tokens, logprobs, masks, entropies = [], [], [], []
+                mm_token_type_ids=prompts.mm_token_type_ids, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out, positions
 
-    def to_all_rows(values, fill):
-        """(n,) values of the active rows -> (N,), fill for rows no longer in the batch."""
-        return torch.full((N,), fill, dtype=values.dtype, device=device).index_copy(0, active, values)
 
-    for t in range(max_new_tokens):
-        scaled = logits / (temperature if temperature > 0 else 1.0)  # (n, V)
-        allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (n, V), vision tokens never drawn
-        if temperature > 0:
-            first, total = rows or (0, N)
-            uniform = torch.rand(total, generator=generator)[first:first + N].to(device)[active]  # (n,)
-            cdf = top_p_filter(top_k_filter(allowed, top_k), top_p).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
-            # The first token whose cumulative probability exceeds u; tokens of
-            # probability 0 (banned, filtered) can never be that token.
-            token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (n,)
-        else:
-            token = allowed.argmax(dim=-1)  # (n,)
-        # The log-prob under the model's full tempered distribution, which is what
-        # the training forward computes; the ban, top-k and top-p only choose the token.
-        all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
-        step_token = torch.where(finished, filler, to_all_rows(token, filler))  # (N,), ended rows emit padding
-        tokens.append(step_token)
-        logprobs.append(to_all_rows(all_logprobs.gather(1, token[:, None]).squeeze(1), 0.0))  # (N,)
-        entropies.append(to_all_rows(-(all_logprobs.exp() * all_logprobs).sum(dim=-1), 0.0))  # (N,)
-        masks.append(~finished)
-        finished = finished | torch.isin(step_token, end_ids)
-        if stop is not None:
-            finished = finished | stop(torch.stack(tokens, dim=1))
-        # The one host synchronization per token: how many active rows go on, and whether all ranks are done.
-        going_on = ~finished[active]  # (n,)
-        done = (~going_on).all().int()
-        if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        left, done = torch.stack([going_on.sum(), done]).tolist()
-        if done or t == max_new_tokens - 1:
-            break
-        if 0 < left <= len(active) // 2:  # drop the ended rows (never all: the forward must still run)
-            keep = going_on.nonzero().squeeze(1)  # (left,)
-            cache.batch_select_indices(keep)
-            active, next_position, attention_mask = active[keep], next_position[keep], attention_mask[keep]
-        n = len(active)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # (n, P + t + 1)
-        position = (next_position + t).view(1, n, 1).expand(3, n, 1)  # (3, n, 1)
-        out = decode_step(input_ids=step_token[active, None], attention_mask=attention_mask, position_ids=position,
-                          past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # (n, V)
-    mask = torch.stack(masks, dim=1)  # (N, T)
-    return Rollout(
-        completion_ids=torch.stack(tokens, dim=1),  # (N, T)
-        completion_mask=mask.long(),  # (N, T)
-        logprobs=torch.stack(logprobs, dim=1) * mask,  # (N, T), 0 after the end
-        entropy=torch.stack(entropies, dim=1) * mask,  # (N, T), 0 after the end
-        truncated=~finished,  # (N,)
-    )
+def draw_token(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float, top_p: float,
+               top_k: int, banned_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row from logits (n, V): the token, its log-prob and the distribution's entropy (n,).
+
+    The token is drawn by inverse CDF with the row's uniform number (greedy when
+    temperature is 0 or uniform is None), never among banned_ids, and only among
+    the top_k and top_p tokens. Its log-prob and the entropy are those of the
+    full tempered distribution, which is what the training forward computes: the
+    ban, top-k and top-p only choose the token.
+    """
+    scaled = logits / (temperature if temperature > 0 else 1.0)  # (n, V)
+    allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (n, V)
+    if temperature > 0 and uniform is not None:
+        cdf = top_p_filter(top_k_filter(allowed, top_k), top_p).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
+        # The first token whose cumulative probability exceeds u; tokens of
+        # probability 0 (banned, filtered) can never be that token.
+        token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (n,)
+    else:
+        token = allowed.argmax(dim=-1)  # (n,)
+    all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
+    logprob = all_logprobs.gather(1, token[:, None]).squeeze(1)  # (n,)
+    entropy = -(all_logprobs.exp() * all_logprobs).sum(dim=-1)  # (n,)
+    return token, logprob, entropy
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -394,6 +238,91 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
         return logits
     kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (N, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
+
+
+@torch.no_grad()
+@gathered_once
+def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding,
+           generator: torch.Generator | None = None, rows: tuple[int, int] | None = None, stop=None,
+           compile_decode: bool = False) -> Rollout:
+    """G completions per prompt from one prefill per prompt; this loop only keeps track of rows.
+
+    The prompt and its image are encoded once, then the KV cache is repeated G
+    times. Rows that ended leave the decode batch (once at least half of it has
+    ended, so the cache is copied a few times, not every token). Under
+    torch.distributed every rank keeps decoding until every row of every rank
+    has ended, so FSDP's collectives stay in step.
+
+    Each token takes one uniform number per row. rows = (first row of this
+    rank, rows on all ranks): every rank draws the numbers for all rows from the
+    same CPU generator and keeps its own, so the completions do not depend on
+    how the prompts are split over ranks. stop(tokens (N, t)) -> (N,) bool may
+    end rows early. compile_decode runs the one-token forward through torch.compile.
+    """
+    G, device = group_size, prompts.input_ids.device
+    decode_step = torch.compile(model, dynamic=True) if compile_decode else model
+    out, positions = prefill(model, prompts)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)  # every tensor in the cache: (B, ...) -> (N, ...)
+    logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
+    N = logits.shape[0]
+    # The decode batch holds the rows `active` (n of the N); the cache, logits,
+    # attention mask and positions below have one row per active row.
+    active = torch.arange(N, device=device)  # (n,)
+    # Text after the prompt counts on from the prompt's largest position, whatever the padding.
+    next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (n,)
+    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (n, P)
+    filler = decoding.end_ids[0] if decoding.end_ids else 0  # what rows that ended emit (masked out)
+    end_ids = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
+    banned_ids = torch.tensor(decoding.banned_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    tokens, logprobs, masks, entropies = [], [], [], []
+
+    def to_all_rows(values, fill):
+        """(n,) values of the active rows -> (N,), fill for rows no longer in the batch."""
+        return torch.full((N,), fill, dtype=values.dtype, device=device).index_copy(0, active, values)
+
+    for t in range(decoding.max_new_tokens):
+        uniform = None
+        if decoding.temperature > 0:
+            first, total = rows or (0, N)
+            uniform = torch.rand(total, generator=generator)[first:first + N].to(device)[active]  # (n,)
+        token, logprob, entropy = draw_token(logits, uniform, decoding.temperature, decoding.top_p,
+                                             decoding.top_k, banned_ids)  # (n,) each
+        step_token = torch.where(finished, filler, to_all_rows(token, filler))  # (N,), ended rows: padding
+        tokens.append(step_token)
+        logprobs.append(to_all_rows(logprob, 0.0))  # (N,)
+        entropies.append(to_all_rows(entropy, 0.0))  # (N,)
+        masks.append(~finished)
+        finished = finished | torch.isin(step_token, end_ids)
+        if stop is not None:
+            finished = finished | stop(torch.stack(tokens, dim=1))
+        # The one host synchronization per token: how many active rows go on, and whether all ranks are done.
+        going_on = ~finished[active]  # (n,)
+        done = (~going_on).all().int()
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        left, done = torch.stack([going_on.sum(), done]).tolist()
+        if done or t == decoding.max_new_tokens - 1:
+            break
+        if 0 < left <= len(active) // 2:  # drop the ended rows (never all: the forward must still run)
+            keep = going_on.nonzero().squeeze(1)  # (left,)
+            cache.batch_select_indices(keep)
+            active, next_position, attention_mask = active[keep], next_position[keep], attention_mask[keep]
+        n = len(active)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # (n, P + t + 1)
+        position = (next_position + t).view(1, n, 1).expand(3, n, 1)  # (3, n, 1)
+        out = decode_step(input_ids=step_token[active, None], attention_mask=attention_mask, position_ids=position,
+                          past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()  # (n, V)
+    mask = torch.stack(masks, dim=1)  # (N, T)
+    return Rollout(
+        completion_ids=torch.stack(tokens, dim=1),  # (N, T)
+        completion_mask=mask.long(),  # (N, T)
+        logprobs=torch.stack(logprobs, dim=1) * mask,  # (N, T), 0 after the end
+        entropy=torch.stack(entropies, dim=1) * mask,  # (N, T), 0 after the end
+        truncated=~finished,  # (N,)
+    )
 
 
 class PromptCache(DynamicCache):
@@ -423,16 +352,11 @@ def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tenso
     layer's input and recomputes the rest in the backward pass.
     """
     G, T = group_size, completion_ids.shape[1]
-    positions = prompt_positions(model, prompts.input_ids, prompts.attention_mask, prompts.mm_token_type_ids,
-                                 prompts.image_grid_thw)  # (3, B, P)
     cache = PromptCache()
-    prefill = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
-                    pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                    mm_token_type_ids=prompts.mm_token_type_ids, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+    out, positions = prefill(model, prompts, cache)
     # Next-token shift: the prompt's last logit predicts completion token 0, completion
     # token t predicts token t + 1, and the last completion token predicts nothing.
-    first = prefill.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V)
+    first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V)
     logprobs = [chosen_logprobs(first, completion_ids[:, :1], temperature)]  # (N, 1)
     if T > 1:
         cache.batch_repeat_interleave(G)  # (B, ...) -> (N, ...), differentiable

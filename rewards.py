@@ -1,23 +1,61 @@
-"""Rule rewards: plain functions (completion, sample) -> float, registered by name.
+"""Prompt modes and rule rewards: plain functions (completion, sample) -> float, registered by name.
 
-A reward sees the decoded completion text (never token ids: the tiny BPE merges
-">B" into one token) and the sample dict from data.py, which carries the gold
-`answer` letter, the `options` (letter -> text) and the prompt `mode`.
+A prompt mode is what the model is asked to write (the template after the
+image) and the layout its whole answer must have (the format reward). A reward
+sees the decoded completion text (never token ids: the tiny BPE merges ">B"
+into one token) and the sample dict from data.py, which carries the gold
+`answer` letter, the `options` (letter -> text) and, added by `score`, the
+prompt `mode` it was asked in.
 
 To add a reward: write one function, add one line to REWARDS, add rows to the
-table in tests/test_rewards.py. This file does not import torch.
+table in tests/test_rewards.py. To add a prompt mode: one entry in MODES. This
+file does not import torch.
 """
 
 import re
+from dataclasses import dataclass
 
-# The whole completion (stripped) must match its prompt mode's pattern.
-# think-before and no-think are Med-R1's released regexes; think-after is their
-# mirror image (answer first, then the rationale).
-FORMATS = {
-    "think-after": re.compile(r"<answer>.*?</answer>\s*<think>.*?</think>", re.DOTALL),
-    "think-before": re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL),
-    "no-think": re.compile(r"<answer>.*?</answer>", re.DOTALL),
+
+@dataclass(frozen=True)
+class PromptMode:
+    """What the model is asked to write, and the layout that the format reward checks."""
+
+    template: str  # the user text after the image; {problem} is the question with its options
+    layout: re.Pattern | None = None  # the whole stripped completion must match; None: evaluation only
+    example: str = ""  # an answer in this layout from {letter} and {reason}: the tiny default's warm-up
+
+
+# think-before and no-think are Med-R1's released training templates and format
+# regexes, verbatim; think-after is ours, their mirror image (answer first, then
+# the rationale). The last three are Med-R1's released evaluation wordings, which
+# differ from its training templates.
+MODES = {
+    "think-after": PromptMode(
+        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
+        "<answer>...</answer> tags. 2. Then explain your reasoning briefly, enclosed in <think>...</think> "
+        "tags. 3. No extra information or text outside of these tags.",
+        re.compile(r"<answer>.*?</answer>\s*<think>.*?</think>", re.DOTALL),
+        "<answer>{letter}</answer><think>{reason}</think>"),
+    "think-before": PromptMode(
+        "{problem} Your task: 1. Think through the question step by step, enclose your reasoning process in "
+        "<think>...</think> tags. 2. Then provide the correct single-letter choice (A, B, C, D,...) inside "
+        "<answer>...</answer> tags. 3. No extra information or text outside of these tags.",
+        re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL),
+        "<think>{reason}</think><answer>{letter}</answer>"),
+    "no-think": PromptMode(
+        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
+        "<answer>...</answer> tags. 2. No extra information or text outside of this tag.",
+        re.compile(r"<answer>.*?</answer>", re.DOTALL),
+        "<answer>{letter}</answer>"),
+    "medr1-eval-think": PromptMode(
+        "{problem} Think through the question step by step in <think>...</think> tags. Then provide the "
+        "correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags."),
+    "medr1-eval-no-think": PromptMode(
+        "{problem} Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags."),
+    "zero-shot": PromptMode("{problem} Provide the correct single-letter choice (A, B, C, D,...)."),
 }
+# The modes a model can be trained in: those with a layout for the format reward.
+TRAINING_MODES = [name for name, mode in MODES.items() if mode.layout]
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # "B", "b", "B.", "(B)", "B)", "B:" alone.
@@ -52,7 +90,7 @@ def extract_choice(text: str, options: dict) -> str | None:
 
 def format_reward(completion: str, sample: dict) -> float:
     """1 if the whole completion follows the prompt mode's tag layout, else 0."""
-    return float(FORMATS[sample["mode"]].fullmatch(completion.strip()) is not None)
+    return float(MODES[sample["mode"]].layout.fullmatch(completion.strip()) is not None)
 
 
 def accuracy_reward(completion: str, sample: dict) -> float:
@@ -94,4 +132,21 @@ REWARDS = {
     "format": format_reward,
     "accuracy": accuracy_reward,
     "accuracy_medr1_reward": accuracy_medr1_reward,
+    "accuracy_medr1_think": accuracy_medr1_think,
+    "accuracy_medr1_raw": accuracy_medr1_raw,
 }
+
+
+def score(completions: list[str], samples: list[dict], names: list[str], mode: str) -> list[list[float]]:
+    """One row per completion, one column per reward name; a reward that raises is named in the error."""
+    table = []
+    for completion, sample in zip(completions, samples):
+        sample = {**sample, "mode": mode}
+        row = []
+        for name in names:
+            try:
+                row.append(float(REWARDS[name](completion, sample)))
+            except Exception as error:
+                raise RuntimeError(f"reward {name!r} failed on sample {sample['id']!r}: {error!r}") from error
+        table.append(row)
+    return table

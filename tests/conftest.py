@@ -12,18 +12,19 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
 import model as modellib  # noqa: E402
+from tiny import build_tiny, make_synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def dataset_root():
     """The same synthetic dataset `python train.py` uses (built on first use)."""
-    return data.make_synthetic(REPO / ".cache" / "synthetic-omnimedvqa")
+    return make_synthetic(REPO / ".cache" / "synthetic-omnimedvqa")
 
 
 @pytest.fixture(scope="session")
 def tiny_path(dataset_root):
     """The same tiny model `python train.py` uses (built on first use, about a minute)."""
-    return modellib.build_tiny(REPO / ".cache" / "tiny-qwen2-vl", dataset_root)
+    return build_tiny(REPO / ".cache" / "tiny-qwen2-vl", dataset_root)
 
 
 @pytest.fixture

@@ -9,13 +9,14 @@ import torch
 import data
 import eval as evaluation
 import model as modellib
+import tiny
 from test_train import run
 
 
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory):
     """A few records per modality, options shuffled as in the real data, plus Med-R1 split files for two."""
-    root = data.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
+    root = tiny.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
     for modality in ("CT", "OCT"):
         samples = data.load_omnimedvqa(root, modalities=[modality])
         records = [{"image": s["image"].split(str(root) + "/")[1], "problem": data.problem_text(s),

@@ -111,7 +111,8 @@ def test_a_reward_that_raises_names_itself_and_the_sample(monkeypatch):
 
     monkeypatch.setitem(rewards.REWARDS, "broken", broken)
     with pytest.raises(RuntimeError, match="reward 'broken' failed on sample 'q-7'"):
-        train.score(["<answer>A</answer>"], [{"id": "q-7", "options": {"A": "x"}, "answer": "A"}], ["broken"])
+        rewards.score(["<answer>A</answer>"], [{"id": "q-7", "options": {"A": "x"}, "answer": "A"}], ["broken"],
+                      "no-think")
 
 
 def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_split):
@@ -119,10 +120,9 @@ def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_spl
     sample = modality_split[0][0]
     real_length = data.collate([sample], processor, "think-after").input_ids.shape[1]
     tokens = modellib.visual_tokens(processor, 384)
-    fits = train.Config(max_prompt_tokens=real_length)
-    train.check_prompt_lengths(fits, processor, [sample], tokens)
+    data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, real_length)
     with pytest.raises(data.DataError, match=f"record {sample['id']!r} with {real_length} tokens"):
-        train.check_prompt_lengths(train.Config(max_prompt_tokens=real_length - 1), processor, [sample], tokens)
+        data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, real_length - 1)
 
 
 def test_when_one_rank_fails_both_exit(tiny_path, tmp_path):

@@ -10,6 +10,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 import data
 import model as modellib
+from tiny import CHAT_TEMPLATE, tiny_config
 
 # Images of different shapes give different numbers of image tokens, hence left padding.
 SIZES = {"equal": [(56, 56), (56, 56)], "different": [(56, 56), (84, 28), (28, 84)]}
@@ -31,7 +32,7 @@ def repeat_prompts(batch: data.PromptBatch, group_size: int) -> data.PromptBatch
 
 def random_qwen2_5_vl(tokenizer):
     """A randomly initialised Qwen2.5-VL at toy size, sharing the tiny model's tokenizer."""
-    text = modellib.tiny_config(tokenizer)
+    text = tiny_config(tokenizer)
     config = Qwen2_5_VLConfig(
         text_config=text.text_config.to_dict(),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
@@ -48,7 +49,7 @@ def any_model(request, tiny):
     model, processor = tiny
     torch.manual_seed(1)
     if request.param == "qwen2-vl-random":
-        model = Qwen2VLForConditionalGeneration(modellib.tiny_config(processor.tokenizer)).eval()
+        model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()
     elif request.param == "qwen2.5-vl-random":
         model = random_qwen2_5_vl(processor.tokenizer)
     return model, processor
@@ -66,7 +67,7 @@ def test_greedy_sampler_equals_generate(any_model, mixed_samples):
     batch = encode(processor, mixed_samples, SIZES["different"])
     assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    ours = modellib.sample(model, batch, 1, 12, end_ids, banned_ids=[], temperature=0.0)
+    ours = modellib.sample(model, batch, 1, modellib.Decoding(12, temperature=0.0, end_ids=end_ids))
     theirs = model.generate(**vars(batch), max_new_tokens=12, do_sample=False, eos_token_id=end_ids,
                             pad_token_id=end_ids[0])[:, batch.input_ids.shape[1]:]
     for row in range(len(mixed_samples)):
@@ -81,7 +82,7 @@ def test_sampled_logprobs_equal_training_forward(any_model, mixed_samples, tempe
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
     banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
-    rollout = modellib.sample(model, batch, 3, 16, end_ids, banned, temperature,
+    rollout = modellib.sample(model, batch, 3, modellib.Decoding(16, temperature, end_ids=end_ids, banned_ids=banned),
                               generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logprobs = modellib.token_logprobs(model, repeat_prompts(batch, 3), rollout.completion_ids,
@@ -124,10 +125,10 @@ def test_sampler_never_emits_vision_tokens(tiny, mixed_samples):
     model.lm_head = PreferVisionTokens()
     batch = encode(processor, mixed_samples, SIZES["equal"] + [(56, 56)])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    unbanned = modellib.sample(model, batch, 2, 4, end_ids, banned_ids=[], temperature=1.0,
+    unbanned = modellib.sample(model, batch, 2, modellib.Decoding(4, end_ids=end_ids),
                                generator=torch.Generator().manual_seed(0))
     assert torch.isin(unbanned.completion_ids, torch.tensor(banned)).any()
-    rollout = modellib.sample(model, batch, 2, 4, end_ids, banned, temperature=1.0,
+    rollout = modellib.sample(model, batch, 2, modellib.Decoding(4, end_ids=end_ids, banned_ids=banned),
                               generator=torch.Generator().manual_seed(0))
     assert not torch.isin(rollout.completion_ids, torch.tensor(banned)).any()
 
@@ -145,10 +146,10 @@ def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, m
     batch_sizes = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)
-    ended = modellib.sample(model, batch, 4, 12, [], [], 1.0, generator=torch.Generator().manual_seed(0),
+    ended = modellib.sample(model, batch, 4, modellib.Decoding(12), generator=torch.Generator().manual_seed(0),
                             stop=lambda tokens: lengths <= tokens.shape[1])
     hook.remove()
-    never_ends = modellib.sample(model, batch, 4, 12, [], [], 1.0, generator=torch.Generator().manual_seed(0))
+    never_ends = modellib.sample(model, batch, 4, modellib.Decoding(12), generator=torch.Generator().manual_seed(0))
 
     assert ended.completion_mask.sum(dim=1).tolist() == lengths.tolist()
     assert batch_sizes[:2] == [3, 12] and len(set(batch_sizes[1:])) >= 3  # prefill of 3 prompts, then 12 rows
@@ -163,9 +164,10 @@ def test_compiled_decode_step_samples_the_same_tokens(tiny, mixed_samples, singl
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    eager = modellib.sample(model, batch, 2, 12, end_ids, [], temperature=0.0)
+    greedy = modellib.Decoding(12, temperature=0.0, end_ids=end_ids)
+    eager = modellib.sample(model, batch, 2, greedy)
     modellib.shard(model, bf16=False)
-    compiled = modellib.sample(model, batch, 2, 12, end_ids, [], temperature=0.0, compile_decode=True)
+    compiled = modellib.sample(model, batch, 2, greedy, compile_decode=True)
     assert torch.equal(compiled.completion_ids, eager.completion_ids)
     torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=0, atol=1e-5)
 
@@ -182,7 +184,7 @@ def test_sampling_follows_the_model_distribution(tiny, mixed_samples):
     model, processor = tiny
     batch = encode(processor, mixed_samples[:1], [(56, 56)])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, 4000, 1, end_ids, [], temperature=1.0,
+    rollout = modellib.sample(model, batch, 4000, modellib.Decoding(1, end_ids=end_ids),
                               generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         probs = model(**vars(batch)).logits[0, -1].softmax(-1)
@@ -195,12 +197,12 @@ def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(ti
     renormalised probabilities; the reported log-prob is that of the full distribution."""
     _, processor = tiny
     torch.manual_seed(1)
-    model = Qwen2VLForConditionalGeneration(modellib.tiny_config(processor.tokenizer)).eval()  # a flat distribution
+    model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()  # a flat distribution
     batch = encode(processor, mixed_samples[:1], [(56, 56)])
     with torch.no_grad():
         probs = model(**vars(batch)).logits[0, -1].softmax(-1)
     assert probs.topk(3).values.sum() < 0.1  # without top-k, 9 draws in 10 would be other tokens
-    rollout = modellib.sample(model, batch, 4000, 1, [], [], temperature=1.0, top_k=3,
+    rollout = modellib.sample(model, batch, 4000, modellib.Decoding(1, top_k=3),
                               generator=torch.Generator().manual_seed(0))
     top3 = probs.topk(3).indices
     drawn = rollout.completion_ids[:, 0]
@@ -223,7 +225,7 @@ def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_
     folder = tmp_path / "Qwen2-VL-2B-Instruct"
     model.save_pretrained(folder, max_shard_size="500KB")
     processor.tokenizer.save_pretrained(folder)
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": modellib.CHAT_TEMPLATE}))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     shutil.copy(tiny_path / "preprocessor_config.json", folder)
     config = json.loads((folder / "preprocessor_config.json").read_text())
@@ -234,7 +236,7 @@ def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_
     loaded = modellib.load_model(folder)
     loaded_processor = modellib.Processor.from_pretrained(folder, max_pixels=56 * 56)
     batch = encode(loaded_processor, mixed_samples, SIZES["different"])
-    assert loaded_processor.tokenizer.chat_template == modellib.CHAT_TEMPLATE
+    assert loaded_processor.tokenizer.chat_template == CHAT_TEMPLATE
     with torch.no_grad():
         torch.testing.assert_close(loaded(**vars(batch)).logits, model(**vars(batch)).logits)
 
@@ -265,7 +267,8 @@ def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mix
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, 2, 8, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
+    rollout = modellib.sample(model, batch, 2, modellib.Decoding(8, end_ids=end_ids),
+                              generator=torch.Generator().manual_seed(0))
     expanded = repeat_prompts(batch, 2)
     with torch.no_grad():
         fp32 = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
@@ -302,7 +305,8 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
     oracle = copy.deepcopy(model)
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, 3, 12, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
+    rollout = modellib.sample(model, batch, 3, modellib.Decoding(12, end_ids=end_ids),
+                              generator=torch.Generator().manual_seed(0))
     weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(1))
     mask = rollout.completion_mask
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import data
+import tiny
 
 CT_TRAIN, CT_TEST, MRI_TEST = ("CT(Computed Tomography)_train.json", "CT(Computed Tomography)_test.json",
                                "MR (Mag-netic Resonance Imaging)_test.json")
@@ -20,7 +21,7 @@ def root(tmp_path_factory):
     both (the same questions), and those images in both; the MRI test file holds every MRI question, most of them on the
     training side of the root's own 80/20 split.
     """
-    root = data.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
+    root = tiny.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
 
     def write(name, samples):
         records = [{"image": s["image"].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
@@ -64,10 +65,12 @@ def test_no_training_question_is_a_test_question_whatever_the_flags(root, flags,
              "pass --test_split" if (flags, filters, drop_test_images) == ("train file", "CT", True) else None)
     if error:
         with pytest.raises(data.DataError, match=error):
-            data.load_splits(root, modalities, question_types, train_split, test_split, drop_test_images)
+            data.load_splits(root, modalities, question_types, train_split, test_split, drop_test_images,
+                             log=lambda note: None)
         return
-    train, held_out, notes = data.load_splits(root, modalities, question_types, train_split, test_split,
-                                              drop_test_images)
+    notes = []
+    train, held_out = data.load_splits(root, modalities, question_types, train_split, test_split,
+                                       drop_test_images, log=notes.append)
     assert train and held_out
     # Every test set evaluation can use: the held-out side train.py evaluates on, the given
     # test files whole (any modality), and, unless a train file was given, the root's own
@@ -75,7 +78,7 @@ def test_no_training_question_is_a_test_question_whatever_the_flags(root, flags,
     test_sets = [held_out] + [data.load_medr1_split(root / f, image_root=root) for f in
                               SPLIT_FLAGS[flags][1].split(",") if f]
     if not train_split:
-        test_sets.append(data.load_splits(root, [], [])[1])
+        test_sets.append(data.load_splits(root, [], [], log=notes.append)[1])
     for test in test_sets:
         assert not questions(train) & questions(test)
         if drop_test_images or not (train_split or test_split):
@@ -87,7 +90,10 @@ def test_no_training_question_is_a_test_question_whatever_the_flags(root, flags,
 def test_files_that_share_images_are_reported_and_kept_apart_by_question_only_when_asked(root):
     train_split, test_split = str(root / CT_TRAIN), str(root / CT_TEST)
     every_train = data.load_medr1_split(train_split, image_root=root)
-    train, test, [note] = data.load_splits(root, [], [], train_split, test_split, drop_test_images=False)
+    notes = []
+    train, test = data.load_splits(root, [], [], train_split, test_split, drop_test_images=False,
+                                   log=notes.append)
+    [note] = notes
     # By hand: the Disease Diagnosis questions are in both files, and every image of the test file
     # also holds a training question of another type.
     shared = [s for s in every_train if s["question_type"] == "" and data.question_key(s) in questions(test)]
@@ -95,7 +101,10 @@ def test_files_that_share_images_are_reported_and_kept_apart_by_question_only_wh
     assert len(train) == len(every_train) - len(shared)
     assert note.startswith(f"{len(shared)} training questions removed: {len(shared)} are questions of the test split")
     assert f"{len(images(test))} images of the test split are still on both sides" in note
-    dropped, _, [note] = data.load_splits(root, [], [], train_split, test_split, drop_test_images=True)
+    notes.clear()
+    dropped, _ = data.load_splits(root, [], [], train_split, test_split, drop_test_images=True,
+                                  log=notes.append)
+    [note] = notes
     assert not images(dropped) & images(test) and len(dropped) < len(train)
     assert "still on both sides" not in note
 
@@ -106,19 +115,19 @@ def test_a_train_file_without_a_test_file_that_covers_the_held_out_side_stops_th
                 "solution": f"<answer> {s['answer']} </answer>"} for s in every_question]
     (tmp_path / "CT(Computed Tomography)_train.json").write_text(json.dumps(records))
     with pytest.raises(data.DataError, match="pass --test_split"):
-        data.load_splits(root, [], [], str(tmp_path / "CT(Computed Tomography)_train.json"))
+        data.load_splits(root, [], [], str(tmp_path / "CT(Computed Tomography)_train.json"), log=print)
 
 
 def test_the_root_is_split_before_filtering_so_any_filter_sees_the_same_sides(root):
-    train, test, _ = data.load_splits(root, [], [])
+    train, test = data.load_splits(root, [], [])
     for modalities, question_types in FILTERS.values():
-        filtered_train, filtered_test, _ = data.load_splits(root, modalities, question_types)
+        filtered_train, filtered_test = data.load_splits(root, modalities, question_types)
         assert filtered_train == data.select(train, modalities, question_types)
         assert filtered_test == data.select(test, modalities, question_types)
 
 
 def test_the_training_record_counts_the_test_images_and_questions_it_holds(root):
-    train, test, _ = data.load_splits(root, [], [])
+    train, test = data.load_splits(root, [], [])
     record = data.training_record(train[:10] + test[:3], root)
     assert all(not path.startswith("/") for path in record["images"])  # relative: holds on any machine
     seen = data.seen_in_training(record, test, root)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 
+import common
 import train
 
 SMALL = ["--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "12", "--eval_every", "0",
@@ -80,14 +81,28 @@ def test_a_few_dozen_grpo_steps_raise_the_reward(tiny_path, tmp_path):
     assert last > base + 0.5 * (1 - base), (base, last)  # at least half the way from the base to perfect
 
 
-def test_unknown_flag_is_refused_with_the_list_of_flags():
-    with pytest.raises(SystemExit, match="unknown flag '--lr_rate'.*--lr "):
-        train.parse_args(train.Config, ["--lr_rate", "1"])
+def test_unknown_flag_is_refused_with_the_list_of_flags(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(train.Config, ["--lr_rate", "1"])
+    error = capsys.readouterr().err
+    assert "unrecognized arguments: --lr_rate" in error and "[--lr float]" in error
 
 
-def test_flag_with_a_bad_value_is_refused():
-    with pytest.raises(SystemExit, match="--steps wants a int, got 'ten'"):
-        train.parse_args(train.Config, ["--steps", "ten"])
+def test_flag_with_a_bad_value_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(train.Config, ["--steps", "ten"])
+    assert "argument --steps: invalid int value: 'ten'" in capsys.readouterr().err
+
+
+def test_flags_take_either_form_and_help_shows_each_field_comment(capsys):
+    cfg = common.parse_args(train.Config, ["--lr=1e-4", "--steps", "7", "--mask_truncated", "yes"])
+    assert (cfg.lr, cfg.steps, cfg.mask_truncated) == (1e-4, 7, True)
+    with pytest.raises(SystemExit):
+        common.parse_args(train.Config, ["--mask_truncated", "maybe"])
+    assert "want true or false, got 'maybe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        common.parse_args(train.Config, ["--help"])
+    assert "mu: policy updates per rollout" in capsys.readouterr().out
 
 
 def test_prompts_must_split_evenly_over_ranks():
@@ -109,7 +124,8 @@ def step_inputs(tiny, modality_split, single_process_group):
     samples = modality_split[0][:2]
     prompts = data.collate(samples, processor, "think-after")
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, prompts, 4, 12, end_ids, [], 1.0, generator=torch.Generator().manual_seed(0))
+    rollout = modellib.sample(model, prompts, 4, modellib.Decoding(12, end_ids=end_ids),
+                              generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     return model, optimizer, schedule, prompts, samples, rollout
@@ -119,7 +135,7 @@ def grpo_step(step_inputs, rewards_by_row, **config):
     model, optimizer, schedule, prompts, samples, rollout = step_inputs
     cfg = train.Config(num_generations=4, beta=0.0, **config)
     reward_table = torch.tensor(rewards_by_row, dtype=torch.float32).unsqueeze(1)  # (8, 1)
-    return train.grpo_step(cfg, model, None, optimizer, schedule, prompts, samples, rollout, reward_table)
+    return train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout, reward_table)
 
 
 def test_zero_std_groups_are_reported_and_with_the_filter_not_computed(step_inputs, monkeypatch):

@@ -1,0 +1,151 @@
+"""What every entry script does around its work: flags, the process group, rank-0 output, collectives.
+
+The same scripts run under `python` (one process, a one-rank group) and under
+`torchrun` (one process per rank): NCCL on CUDA, gloo on the CPU. Rank 0 alone
+prints and writes files; `print0` and `Log` do nothing on the other ranks.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import re
+import typing
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+# A config field and its trailing comment: "    lr: float = 0.0  # peak learning rate".
+FIELD_LINE = re.compile(r"^\s+(\w+): .*?  # (.*)$")
+
+
+def parse_args(config_class, argv=None):
+    """A dataclass of settings from the command line: --field value or --field=value; --help lists them all.
+
+    Each field's help is its comment in the class; values are checked by type here,
+    and by range in the entry script's resolve().
+    """
+    source = inspect.getsource(config_class).splitlines()
+    comments = dict(match.groups() for line in source if (match := FIELD_LINE.match(line)))
+    parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
+    for field, hint in typing.get_type_hints(config_class).items():
+        default = getattr(config_class, field)
+        help_text = comments.get(field, "").replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{field}", type=boolean if hint is bool else hint, default=default,
+                            metavar=hint.__name__, help=f"{help_text} (default: {default!r})")
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+def boolean(text: str) -> bool:
+    """true/false, yes/no, 1/0; anything else is an error, never a silent false."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"want true or false, got {text!r}")
+
+
+def setup_distributed() -> torch.device:
+    """One process group for python and torchrun alike: NCCL on CUDA, gloo on CPU."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL starts
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return collective_device()
+
+
+def finish_distributed() -> None:
+    """Leave together: a rank that tears gloo down while rank 0 still writes its files can abort."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def print0(*args) -> None:
+    """Print on rank 0 only, without breaking the progress bar."""
+    if dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: NCCL only moves CUDA tensors, gloo CPU ones."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_over_ranks(values: dict, ops: dict | None = None) -> dict:
+    """A dict of floats reduced over ranks: the mean, or for the keys in ops "min" / "max"."""
+    ops = ops or {}
+    out = {}
+    for op in ("mean", "min", "max"):
+        keys = [k for k in values if ops.get(k, "mean") == op]
+        if not keys:
+            continue
+        stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device())
+        dist.all_reduce(stacked, op={"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
+                                     "max": dist.ReduceOp.MAX}[op])
+        if op == "mean":
+            stacked /= dist.get_world_size()
+        out.update(zip(keys, stacked.tolist()))
+    return {k: out[k] for k in values}
+
+
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's (N,) tensor, concatenated in rank order: (world * N,), on the collective device."""
+    values = values.to(collective_device())
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values)
+    return torch.cat(parts)
+
+
+class Log:
+    """A run's records on rank 0: metrics.jsonl, rollouts.jsonl and TensorBoard (when installed).
+
+    On every other rank each method does nothing, so the loop calls them plainly.
+    """
+
+    def __init__(self, out: Path):
+        self.active = dist.get_rank() == 0
+        self.out = out
+        if self.active:
+            out.mkdir(parents=True, exist_ok=True)
+            self.files = {name: open(out / f"{name}.jsonl", "a") for name in ("metrics", "rollouts")}
+            self.tensorboard = tensorboard_writer(out)
+
+    def write(self, name: str, record: dict) -> None:
+        """One line of record in name.jsonl; metrics also go to TensorBoard."""
+        if not self.active:
+            return
+        self.files[name].write(json.dumps(record) + "\n")
+        self.files[name].flush()
+        if name == "metrics" and self.tensorboard:
+            for key, value in record.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard writer when tensorboard is installed (an optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(out / "tensorboard")
+
+
+def pyplot(what: str):
+    """matplotlib.pyplot drawing to files, or None (and a note) without matplotlib, an optional extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0(f"matplotlib is not installed: skipping {what} (pip install matplotlib)")
+        return None
+    return plt
