@@ -1,4 +1,4 @@
-"""Step time of this project's GRPO against TRL's GRPOTrainer, measured side by side in one invocation.
+"""Step time of this project's GRPO against TRL's GRPOTrainer, side by side in one invocation.
 
     python bench.py                  # the embedded tiny model on CPU; TRL is optional
     python bench.py --device cuda    # the same on one GPU
@@ -65,7 +65,8 @@ def bench_model(cfg: BenchConfig) -> str:
 
 def bench_processor(cfg: BenchConfig, path: str) -> modellib.Processor:
     """The model's processor; the tiny one's budget (64 x 64 pixels) grows to fit --image_size."""
-    return modellib.Processor.from_pretrained(path, max_pixels=None if cfg.model else max(cfg.image_size, 64) ** 2)
+    max_pixels = None if cfg.model else max(cfg.image_size, 64) ** 2
+    return modellib.Processor.from_pretrained(path, max_pixels=max_pixels)
 
 
 def ours(cfg: BenchConfig) -> dict:
@@ -73,8 +74,9 @@ def ours(cfg: BenchConfig) -> dict:
     path, samples, device = bench_model(cfg), bench_samples(cfg), torch.device(cfg.device)
     processor = bench_processor(cfg, path)
     train_cfg = train.Config(num_generations=cfg.generations, prompts_per_step=cfg.prompts, lr=5e-4,
-                             max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype, image_size=cfg.image_size,
-                             grad_checkpointing=cfg.grad_checkpointing, compile_decode=cfg.compile_decode)
+                             max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype,
+                             image_size=cfg.image_size, grad_checkpointing=cfg.grad_checkpointing,
+                             compile_decode=cfg.compile_decode)
     policy, reference = train.load_models(train_cfg, path, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
@@ -85,14 +87,15 @@ def ours(cfg: BenchConfig) -> dict:
     for step in range(cfg.warmup + cfg.steps):
         batch = samples[step * cfg.prompts:(step + 1) * cfg.prompts]
         start = time.perf_counter()
-        train.grpo_iteration(train_cfg, policy, reference, optimizer, schedule, processor, batch, decoding,
-                             generator)
+        train.grpo_iteration(train_cfg, policy, reference, optimizer, schedule, processor, batch,
+                             decoding, generator)
         synchronize(device)
         if step >= cfg.warmup:
             times.append(time.perf_counter() - start)
             prompts = data.collate(batch, processor, "think-after", cfg.image_size).to(device)
             start = time.perf_counter()
-            modellib.sample(policy, prompts, cfg.generations, modellib.Decoding(1), generator=generator)
+            modellib.sample(policy, prompts, cfg.generations, modellib.Decoding(1),
+                            generator=generator)
             synchronize(device)
             prefills.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "prefill_s": statistics.median(prefills)}
@@ -105,30 +108,33 @@ def synchronize(device: torch.device) -> None:
 
 
 def trl(cfg: BenchConfig) -> dict:
-    """Median seconds per step of TRL's GRPOTrainer on the same model, prompts, images and settings."""
+    """Median seconds per step of TRL's GRPOTrainer: the same model, prompts, images, settings."""
     from datasets import Dataset
     from transformers import Qwen2VLProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     class ImageOnlyProcessor(Qwen2VLProcessor):
-        """Qwen2VLProcessor without its video half (which needs torchvision), for TRL's processor API."""
+        """Qwen2VLProcessor without its video half (which needs torchvision), for TRL's API."""
 
         def check_argument_for_proper_class(self, name, arg):
-            return None if name == "video_processor" and arg is None else super().check_argument_for_proper_class(
-                name, arg)
+            if name == "video_processor" and arg is None:
+                return None
+            return super().check_argument_for_proper_class(name, arg)
 
     path, samples = bench_model(cfg), bench_samples(cfg)
     ours_processor = bench_processor(cfg, path)
-    processor = ImageOnlyProcessor(image_processor=ours_processor.image_processor, tokenizer=ours_processor.tokenizer,
-                                   video_processor=None, chat_template=ours_processor.tokenizer.chat_template)
+    processor = ImageOnlyProcessor(image_processor=ours_processor.image_processor,
+                                   tokenizer=ours_processor.tokenizer, video_processor=None,
+                                   chat_template=ours_processor.tokenizer.chat_template)
     dataset = Dataset.from_list([{
-        "prompt": [{"role": "user", "content": [{"type": "image"},
-                                                {"type": "text", "text": data.build_prompt(s, "think-after")}]}],
+        "prompt": [{"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": data.build_prompt(s, "think-after")}]}],
         "image": data.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)} for s in samples])
 
     def reward(name):
         def score(prompts, completions, sample, **kwargs):
-            return [rewards.REWARDS[name](c[0]["content"], json.loads(s)) for c, s in zip(completions, sample)]
+            texts, samples = [c[0]["content"] for c in completions], [json.loads(s) for s in sample]
+            return [row[0] for row in rewards.score(texts, samples, [name], "think-after")]
         score.__name__ = name
         return score
 
@@ -144,21 +150,22 @@ def trl(cfg: BenchConfig) -> dict:
     args = GRPOConfig(
         output_dir="runs/bench-trl", per_device_train_batch_size=cfg.prompts * cfg.generations,
         num_generations=cfg.generations, max_completion_length=cfg.completion_tokens,
-        generation_kwargs={"min_new_tokens": cfg.completion_tokens}, beta=0.04, loss_type="grpo", temperature=1.0,
-        learning_rate=5e-4, use_cpu=cfg.device == "cpu", bf16=False, gradient_checkpointing=False,
-        max_steps=cfg.warmup + cfg.steps,
-        shuffle_dataset=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
-    trainer = GRPOTrainer(model=modellib.load_model(path), reward_funcs=[reward("format"), reward("accuracy")],
-                          args=args, train_dataset=dataset, processing_class=processor, callbacks=[StepTimer()])
+        generation_kwargs={"min_new_tokens": cfg.completion_tokens}, beta=0.04, loss_type="grpo",
+        temperature=1.0, learning_rate=5e-4, use_cpu=cfg.device == "cpu", bf16=False,
+        gradient_checkpointing=False, max_steps=cfg.warmup + cfg.steps, shuffle_dataset=False,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = GRPOTrainer(model=modellib.load_model(path),
+                          reward_funcs=[reward("format"), reward("accuracy")], args=args,
+                          train_dataset=dataset, processing_class=processor, callbacks=[StepTimer()])
     trainer.train()
     return {"step_s": statistics.median(times[cfg.warmup:])}
 
 
 def child(cfg: BenchConfig, run: str, **changes) -> dict | None:
     """Run one side in a fresh process; its result and its own peak memory, or None if it failed."""
-    flags = [f"--{k}={v}" for k, v in {**asdict(cfg), **changes, "run": run, "scaling": False}.items()]
-    done = subprocess.run([sys.executable, __file__, *[x for f in flags for x in f.split("=", 1)]],
-                          capture_output=True, text=True)
+    settings = {**asdict(cfg), **changes, "run": run, "scaling": False}
+    flags = [f"--{k}={v}" for k, v in settings.items()]
+    done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         print(f"{run} failed:\n" + done.stderr[-2000:])
@@ -172,14 +179,15 @@ def main():
         cuda = cfg.device == "cuda"
         if cuda:
             torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
         result = ours(cfg) if cfg.run == "ours" else trl(cfg)
         result["peak_mb"] = (torch.cuda.max_memory_allocated() if cuda else
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
         print("RESULT " + json.dumps(result))
         return
     completions = cfg.prompts * cfg.generations
-    print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens each, "
+    print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens, "
           f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, "
           f"median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
     rows = {"ours": child(cfg, "ours")}
@@ -193,10 +201,11 @@ def main():
     print(f"| trainer | s / step | completion tokens / s | {memory}, MB |\n|---|---|---|---|")
     for name, row in rows.items():
         if row:
-            print(f"| {name} | {row['step_s']:.3f} | {completions * cfg.completion_tokens / row['step_s']:.0f} "
-                  f"| {row['peak_mb']:.0f} |")
+            tokens_per_s = completions * cfg.completion_tokens / row["step_s"]
+            print(f"| {name} | {row['step_s']:.3f} | {tokens_per_s:.0f} | {row['peak_mb']:.0f} |")
     if rows.get("TRL GRPOTrainer") and rows["ours"]:
-        print(f"\nours / TRL step time: {rows['ours']['step_s'] / rows['TRL GRPOTrainer']['step_s']:.2f}")
+        ratio = rows["ours"]["step_s"] / rows["TRL GRPOTrainer"]["step_s"]
+        print(f"\nours / TRL step time: {ratio:.2f}")
     if not cfg.scaling:
         return
     print("\nour step time as one setting changes (the others as above):\n\n"

@@ -1,4 +1,4 @@
-"""What every entry script does around its work: flags, the process group, rank-0 output, collectives.
+"""What every entry script does around its work: flags, process group, rank-0 output, collectives.
 
 The same scripts run under `python` (one process, a one-rank group) and under
 `torchrun` (one process per rank): NCCL on CUDA, gloo on the CPU. Rank 0 alone
@@ -23,7 +23,7 @@ FIELD_LINE = re.compile(r"^\s+(\w+): .*?  # (.*)$")
 
 
 def parse_args(config_class, argv=None):
-    """A dataclass of settings from the command line: --field value or --field=value; --help lists them all.
+    """A dataclass of settings from the command line (--field value or --field=value; --help).
 
     Each field's help is its comment in the class; values are checked by type here,
     and by range in the entry script's resolve().
@@ -88,7 +88,8 @@ def reduce_over_ranks(values: dict, ops: dict | None = None) -> dict:
         keys = [k for k in values if ops.get(k, "mean") == op]
         if not keys:
             continue
-        stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device())
+        stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                               device=collective_device())
         dist.all_reduce(stacked, op={"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                                      "max": dist.ReduceOp.MAX}[op])
         if op == "mean":
@@ -98,7 +99,7 @@ def reduce_over_ranks(values: dict, ops: dict | None = None) -> dict:
 
 
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
-    """Every rank's (N,) tensor, concatenated in rank order: (world * N,), on the collective device."""
+    """Every rank's (N,) tensor in rank order: (world * N,), on the collective device."""
     values = values.to(collective_device())
     parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, values)
@@ -106,28 +107,73 @@ def gather_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 class Log:
-    """A run's records on rank 0: metrics.jsonl, rollouts.jsonl and TensorBoard (when installed).
+    """A run's records on rank 0: metrics.jsonl, rollouts.jsonl, TensorBoard (when installed), the
+    one-line summary of each step and curves.png. On every other rank each method does nothing."""
 
-    On every other rank each method does nothing, so the loop calls them plainly.
-    """
-
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, reward_names: list[str]):
         self.active = dist.get_rank() == 0
-        self.out = out
+        self.out, self.reward_names, self.recent = out, reward_names, []
         if self.active:
             out.mkdir(parents=True, exist_ok=True)
-            self.files = {name: open(out / f"{name}.jsonl", "a") for name in ("metrics", "rollouts")}
+            self.files = {name: open(out / f"{name}.jsonl", "a")
+                          for name in ("metrics", "rollouts")}
             self.tensorboard = tensorboard_writer(out)
 
     def write(self, name: str, record: dict) -> None:
-        """One line of record in name.jsonl; metrics also go to TensorBoard."""
+        """One line of record in name.jsonl."""
+        if self.active:
+            self.files[name].write(json.dumps(record) + "\n")
+            self.files[name].flush()
+
+    def step(self, logged: dict) -> None:
+        """A step's metrics: to metrics.jsonl and TensorBoard, one printed line, and every tenth
+        step a warning if the last ten look like a run that learns nothing."""
         if not self.active:
             return
-        self.files[name].write(json.dumps(record) + "\n")
-        self.files[name].flush()
-        if name == "metrics" and self.tensorboard:
-            for key, value in record.items():
-                self.tensorboard.add_scalar(key, value, record["step"])
+        self.write("metrics", logged)
+        for key, value in logged.items() if self.tensorboard else ():
+            self.tensorboard.add_scalar(key, value, logged["step"])
+        print0(self.summary(logged))
+        self.recent = (self.recent + [logged])[-10:]
+        if logged["step"] % 10 == 0 and "truncated" in logged:
+            truncated = sum(m["truncated"] for m in self.recent) / len(self.recent)
+            zero_std = sum(m["zero_std_groups"] for m in self.recent) / len(self.recent)
+            if truncated > 0.5:
+                print0(f"warning: {truncated:.0%} of completions hit --max_new_tokens: raise it, "
+                       "or see rollouts.jsonl")
+            if zero_std > 0.9:
+                print0(f"warning: {zero_std:.0%} of groups have equal rewards, so no policy "
+                       "gradient (fine only if the reward is at its maximum): raise "
+                       "--num_generations or --temperature, or see rollouts.jsonl")
+
+    def summary(self, m: dict) -> str:
+        """The one-line summary of a step: each reward, the KL, length, zero-std groups, letters."""
+        if "reward" not in m:
+            return f"step {m['step']} loss {m['loss']:.4f} {m['step_s']:.2f}s"
+        each = " ".join(f"{name} {m[f'reward_{name}']:.2f}" for name in self.reward_names)
+        letters = " ".join(f"{k.removeprefix('letter_')}:{v:.2f}" for k, v in m.items()
+                           if k.startswith("letter_"))
+        return (f"step {m['step']} reward {m['reward']:.3f} {each} kl {m['kl']:.4f} "
+                f"len {m['completion_len']:.1f} zero-std {m['zero_std_groups']:.2f} "
+                f"letters {letters} {m['step_s']:.2f}s")
+
+    def plot(self) -> None:
+        """curves.png: reward, accuracy, completion length and loss per step (needs matplotlib)."""
+        plt = pyplot("curves.png") if self.active else None
+        if plt is None:
+            return
+        lines = (self.out / "metrics.jsonl").read_text().splitlines()
+        logged = [json.loads(line) for line in lines]
+        names = [n for n in ("reward", "reward_accuracy", "completion_len", "loss")
+                 if n in logged[-1]]
+        fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3))
+        for ax, name in zip(list(axes) if len(names) > 1 else [axes], names):
+            steps = [m for m in logged if name in m]
+            ax.plot([m["step"] for m in steps], [m[name] for m in steps])
+            ax.set_title(name)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(self.out / "curves.png", dpi=100)
 
 
 def tensorboard_writer(out: Path):
@@ -140,7 +186,7 @@ def tensorboard_writer(out: Path):
 
 
 def pyplot(what: str):
-    """matplotlib.pyplot drawing to files, or None (and a note) without matplotlib, an optional extra."""
+    """matplotlib.pyplot drawing to files, or None (and a note) without matplotlib (optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")

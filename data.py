@@ -67,18 +67,22 @@ class DataError(ValueError):
 def record_to_sample(record: dict, source: str, root: Path) -> dict:
     """One OmniMedVQA record -> one sample; raises DataError naming the file and record."""
     where = f"{source}, record {record.get('question_id', '?')!r}"
-    missing = [k for k in ("question_id", "question", "gt_answer", "image_path", "modality_type") if k not in record]
+    fields = ("question_id", "question", "gt_answer", "image_path", "modality_type")
+    missing = [k for k in fields if k not in record]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing}")
-    options = {L: str(record[f"option_{L}"]) for L in LETTERS if record.get(f"option_{L}") not in (None, "")}
+    options = {L: str(record[f"option_{L}"]) for L in LETTERS
+               if record.get(f"option_{L}") not in (None, "")}
     if len(options) < 2:
         raise DataError(f"{where}: needs at least 2 options, has {len(options)}")
     answers = [L for L, text in options.items() if text.strip() == str(record["gt_answer"]).strip()]
     if len(answers) != 1:
-        raise DataError(f"{where}: gt_answer {record['gt_answer']!r} matches {len(answers)} options, not 1")
+        raise DataError(f"{where}: gt_answer {record['gt_answer']!r} matches {len(answers)} "
+                        "options, not 1")
     image = (root / record["image_path"]).resolve()
     if not image.is_relative_to(root.resolve()):
-        raise DataError(f"{where}: image_path {record['image_path']!r} leaves the dataset root {root}")
+        raise DataError(f"{where}: image_path {record['image_path']!r} leaves the dataset root "
+                        f"{root}")
     return {
         "id": str(record["question_id"]),
         "image": str(image),
@@ -90,8 +94,9 @@ def record_to_sample(record: dict, source: str, root: Path) -> dict:
     }
 
 
-def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | None = None) -> list[dict]:
-    """Read every `QA_information/Open-access/*.json` under root, filtered by modality and question type.
+def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | None = None) -> list:
+    """Every `QA_information/Open-access/*.json` record under root, of the given modalities and
+    question types (None: all).
 
     A bad record raises DataError; when an errors list is given, its message is
     appended there instead and the record skipped (--skip_bad_records).
@@ -111,7 +116,8 @@ def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | N
                 errors.append(str(error))
     samples = select(samples, modalities, question_types)
     if not samples:
-        raise DataError(f"no samples in {root} for modalities={modalities}, question_types={question_types}")
+        raise DataError(f"no samples in {root} for modalities={modalities}, "
+                        f"question_types={question_types}")
     return samples
 
 
@@ -141,7 +147,8 @@ def parse_problem(problem: str, where: str) -> tuple[str, dict]:
         options[letter], rest = rest[:cut], rest[cut + len(", B)"):]
     options[LETTERS[len(options)]] = rest  # the last option runs to the end
     if len(options) < 2:
-        raise DataError(f"{where}: needs at least 2 options, has {len(options)} in problem {problem!r}")
+        raise DataError(f"{where}: needs at least 2 options, has {len(options)} in problem "
+                        f"{problem!r}")
     return question, options
 
 
@@ -151,8 +158,8 @@ def load_medr1_split(path, image_root=None) -> list[dict]:
     # The file is named after an OmniMedVQA modality_type or a question type, then "_train"/"_test".
     name = path.stem.rsplit("_", 1)[0]
     if name not in MODALITY_BY_TYPE and name not in QUESTION_TYPES:
-        raise DataError(f"{path}: the name does not start with a modality type {list(MODALITY_BY_TYPE)} "
-                        f"or a question type {QUESTION_TYPES}")
+        raise DataError(f"{path}: the name does not start with a modality type "
+                        f"{list(MODALITY_BY_TYPE)} or a question type {QUESTION_TYPES}")
     samples = []
     for index, record in enumerate(json.loads(path.read_text())):
         where = f"{path}, record {index}"
@@ -162,10 +169,12 @@ def load_medr1_split(path, image_root=None) -> list[dict]:
         question, options = parse_problem(record["problem"], where)
         solution = MEDR1_SOLUTION.fullmatch(record["solution"].strip())
         if not solution or solution.group(1) not in options:
-            raise DataError(f"{where}: solution {record['solution']!r} names none of the options {list(options)}")
+            raise DataError(f"{where}: solution {record['solution']!r} names none of the options "
+                            f"{list(options)}")
         samples.append({
             "id": f"{path.stem}#{index}",
-            "image": str((Path(image_root) / record["image"]).resolve()) if image_root else record["image"],
+            "image": str((Path(image_root) / record["image"]).resolve()) if image_root else
+            record["image"],
             "question": question,
             "options": options,
             "answer": solution.group(1),
@@ -180,8 +189,9 @@ def random_guess_accuracy(samples: list[dict]) -> float:
     return sum(1 / len(s["options"]) for s in samples) / len(samples)
 
 
-def load_splits(root, modalities: list, question_types: list, train_split: str = "", test_split: str = "",
-                drop_test_images: bool = True, skip_bad_records: bool = False, log=print) -> tuple[list, list]:
+def load_splits(root, modalities: list, question_types: list, train_split: str = "",
+                test_split: str = "", drop_test_images: bool = True, skip_bad_records: bool = False,
+                log=print) -> tuple[list, list]:
     """Train and test samples: no test question is ever trained on; what was held apart goes to log.
 
     Without split files, root is split 80/20 by image as a whole and only then
@@ -203,7 +213,8 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
     test = from_files(test_split) if test_split else test
     # Apart before filtering: a test question of a modality left out is still no training question.
     if test_split:
-        train, note = held_apart(train, test, drop_test_images, "training questions", "the test split")
+        train, note = held_apart(train, test, drop_test_images, "training questions",
+                                 "the test split")
         notes.append(note)
     elif train_split:
         test, note = held_apart(test, train, drop_test_images, "held-out questions of " + str(root),
@@ -211,31 +222,36 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
         notes.append(note)
     train = check_images(select(train, modalities, question_types), errors)
     test = check_images(select(test, modalities, question_types), errors)
+    selection = f"modalities={modalities}, question_types={question_types}"
     if not train:
-        raise DataError(f"no training samples in {train_split or root} for modalities={modalities}, "
-                        f"question_types={question_types}" + (f" ({notes[0]})" if notes else ""))
+        raise DataError(f"no training samples in {train_split or root} for {selection}"
+                        + (f" ({notes[0]})" if notes else ""))
     if not test:
-        raise DataError(f"no test samples in {test_split or root} for modalities={modalities}, question_types="
-                        f"{question_types}" + (f" ({notes[0]}): pass --test_split with the test file that matches "
-                                               "--train_split" if train_split and not test_split else ""))
-    for note in notes + ([f"skipped {len(errors)} bad records; the first: {errors[0]}"] if errors else []):
+        hint = (f" ({notes[0]}): pass --test_split with the test file that matches --train_split"
+                if train_split and not test_split else "")
+        raise DataError(f"no test samples in {test_split or root} for {selection}{hint}")
+    if errors:
+        notes.append(f"skipped {len(errors)} bad records; the first: {errors[0]}")
+    for note in notes:
         log(note)
     return train, test
 
 
 def question_key(sample: dict) -> tuple[str, str]:
-    """What makes two records the same question: the image file and the problem text with its options."""
+    """What makes two records the same question: the image file, the question and its options."""
     return sample["image"], problem_text(sample)
 
 
 def question_id(sample: dict, root) -> str:
-    """A short name for a question that holds on any machine: its image relative to root and its text, hashed."""
+    """A short name for a question that holds on any machine: its image relative to root and its
+    text, hashed."""
     image, problem = question_key(sample)
-    return hashlib.sha1(f"{os.path.relpath(image, Path(root).resolve())}\n{problem}".encode()).hexdigest()[:16]
+    relative = os.path.relpath(image, Path(root).resolve())
+    return hashlib.sha1(f"{relative}\n{problem}".encode()).hexdigest()[:16]
 
 
 def training_record(samples: list[dict], root) -> dict:
-    """What a checkpoint was trained on (saved beside it), so evaluation can count test questions seen."""
+    """What a checkpoint trained on (saved beside it): eval.py counts the test questions it saw."""
     return {"images": sorted({os.path.relpath(s["image"], Path(root).resolve()) for s in samples}),
             "questions": sorted({question_id(s, root) for s in samples})}
 
@@ -248,21 +264,25 @@ def seen_in_training(record: dict, samples: list[dict], root) -> dict:
             "seen_questions": sum(question_id(s, root) in questions for s in samples)}
 
 
-def held_apart(samples: list[dict], other: list[dict], by_image: bool, what: str, source: str) -> tuple[list, str]:
-    """samples without the questions of other (by_image: without any question on other's images), and a note."""
+def held_apart(samples: list[dict], other: list[dict], by_image: bool, what: str,
+               source: str) -> tuple[list, str]:
+    """samples without the questions of other (by_image: without any question on other's images),
+    and a note that counts what was removed."""
     questions, images = {question_key(s) for s in other}, {s["image"] for s in other}
-    kept = [s for s in samples if question_key(s) not in questions and not (by_image and s["image"] in images)]
+    kept = [s for s in samples
+            if question_key(s) not in questions and not (by_image and s["image"] in images)]
     same_question = sum(question_key(s) in questions for s in samples)
     same_image = len({s["image"] for s in kept} & images)
-    note = (f"{len(samples) - len(kept)} {what} removed: {same_question} are questions of {source}, "
-            f"{len(samples) - len(kept) - same_question} share an image with it")
+    removed = len(samples) - len(kept)
+    note = (f"{removed} {what} removed: {same_question} are questions of {source}, "
+            f"{removed - same_question} share an image with it")
     if same_image:
         note += (f"; {same_image} images of {source} are still on both sides, with other questions "
                  "(--drop_test_images true removes them)")
     return kept, note
 
 
-def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 0) -> tuple:
     """A fixed 80/20-style split that keeps all questions of an image on one side.
 
     Images are stratified by (modality, question type, answer letter of their
@@ -302,25 +322,28 @@ def load_image(path: str, size: int | None = None) -> Image.Image:
 
 
 def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
-    """Open every image's header once, before training: a missing or unreadable file raises DataError
-    naming the record (or, with an errors list, is recorded there and its samples dropped)."""
+    """Open every image's header once, before training: a missing or unreadable file raises
+    DataError naming the record (or, with an errors list, is recorded there and dropped)."""
     bad = {}
     for sample in samples:
         if sample["image"] in bad:
             continue
         try:
             with Image.open(sample["image"]) as image:
-                image.verify()  # reads the file's structure (PNG checksums), without decoding pixels
+                # The file's structure (PNG checksums), without decoding pixels.
+                image.verify()
         except Exception as error:
             bad[sample["image"]] = f"record {sample['id']!r}: image {sample['image']}: {error}"
             if errors is None:
-                raise DataError(bad[sample["image"]] + "; fix or remove it, or pass --skip_bad_records true")
+                raise DataError(bad[sample["image"]] + "; fix or remove it, or pass "
+                                "--skip_bad_records true")
             errors.append(bad[sample["image"]])
     return [s for s in samples if s["image"] not in bad]
 
 
-def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_tokens: int, limit: int) -> None:
-    """Stop before training if a prompt (chat text plus its image tokens) is longer than limit (0: none).
+def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_tokens: int,
+                         limit: int) -> None:
+    """Stop before training if a prompt (chat text and image tokens) is longer than limit (0: none).
 
     Prompts are never truncated: cutting through the image tokens would break
     the model's forward, cutting the options would change the question.
@@ -333,8 +356,8 @@ def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_token
     too_long = [(s["id"], n) for s, n in zip(samples, lengths) if n > limit]
     if too_long:
         raise DataError(f"{len(too_long)} prompts exceed --max_prompt_tokens {limit}, e.g. record "
-                        f"{too_long[0][0]!r} with {too_long[0][1]} tokens: raise the limit, lower --image_size, "
-                        "or remove those records")
+                        f"{too_long[0][0]!r} with {too_long[0][1]} tokens: raise the limit, lower "
+                        "--image_size, or remove those records")
 
 
 # ---------------------------------------------------------------- collation
@@ -356,11 +379,12 @@ class PromptBatch:
 
 def chat_text(tokenizer, sample: dict, mode: str) -> str:
     """The chat-formatted prompt: one user turn, the image first, then the prompt text."""
-    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(sample, mode)}]}
+    content = [{"type": "image"}, {"type": "text", "text": build_prompt(sample, mode)}]
+    message = {"role": "user", "content": content}
     return tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
 
 
-def collate(samples: list[dict], processor, mode: str, image_size: int | None = None) -> PromptBatch:
+def collate(samples: list[dict], processor, mode: str, image_size: int | None = None):
     """Chat-format B samples and encode them, images included."""
     texts = [chat_text(processor.tokenizer, s, mode) for s in samples]
     images = []
@@ -368,13 +392,15 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
         try:
             images.append(load_image(s["image"], image_size))
         except Exception as error:  # e.g. a JPEG truncated after a valid header
-            raise DataError(f"record {s['id']!r}: image {s['image']} cannot be decoded: {error}") from error
+            raise DataError(f"record {s['id']!r}: image {s['image']} cannot be decoded: "
+                            f"{error}") from error
     return PromptBatch(**processor(texts, images))
 
 
 def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
-    """The given rows of a batch (in that order, repeats allowed), each with its own image's patches."""
-    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())  # one (patches, D) per row
+    """The given rows of a batch (in that order, repeats allowed), each with its image's patches."""
+    # One (patches, D) block per row.
+    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())
     return PromptBatch(
         input_ids=batch.input_ids[rows],  # (R, P)
         attention_mask=batch.attention_mask[rows],  # (R, P)

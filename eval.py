@@ -1,6 +1,6 @@
 """Greedy evaluation and the paper's tables.
 
-    python eval.py                                   # the tiny default's checkpoint on its held-out questions
+    python eval.py                  # the tiny default's checkpoint on its held-out questions
     torchrun --nproc_per_node 8 eval.py --checkpoints runs/ct/final,runs/mri/final,... \
         --split_files "splits/CT(Computed Tomography)_test.json,..." --data /data/OmniMedVQA
 
@@ -14,7 +14,7 @@ results also go to eval_results.json beside it.
 
 Every answer is decoded to its end (an end token or --max_new_tokens), as
 Med-R1's evaluation does, and scored by each of SCORERS: ours and Med-R1's
-released rules. A checkpoint trained by train.py names what it trained on
+released rules. A checkpoint trained by train.py says what it trained on
 (training_data.json), and the tables count the test images and questions it saw.
 """
 
@@ -35,24 +35,20 @@ import rewards
 import tiny
 from common import print0
 
-# Every answer is scored by each of these (completion, sample) -> 0 or 1.
-SCORERS = {
-    # Ours, the training reward's: the last <answer> tag, read tolerantly (rewards.extract_choice).
-    "accuracy": rewards.accuracy_reward,
-    # Med-R1's released evaluation of think prompts: the first tag holding one word.
-    "accuracy_medr1_think": rewards.accuracy_medr1_think,
-    # Med-R1's released evaluation of no-think and zero-shot prompts: the whole output is the letter.
-    "accuracy_medr1_raw": rewards.accuracy_medr1_raw,
-    # Med-R1's training reward: the first one-line tag's content, or the whole output, is the letter.
-    "accuracy_medr1_reward": rewards.accuracy_medr1_reward,
-}
-POOLED = "pooled"  # the key of the summary over every question of a row
+# Every answer is scored by each of these rewards.REWARDS, 0 or 1:
+SCORERS = [
+    "accuracy",  # ours, the training reward's: the last <answer> tag, read tolerantly
+    "accuracy_medr1_think",  # Med-R1's evaluation of think prompts: the first one-word tag
+    "accuracy_medr1_raw",  # Med-R1's evaluation of no-think and zero-shot: the output is the letter
+    "accuracy_medr1_reward",  # Med-R1's training reward: the first one-line tag, or the output
+]
+POOLED = "pooled"  # the key of a row's summary over every question
 
 
 @torch.no_grad()
 def evaluate(model, processor, samples: list[dict], mode: str, device, batch_size: int = 64,
              max_new_tokens: int = 64, image_size: int | None = None) -> list[dict]:
-    """Greedy answers to samples, sharded over ranks; every rank gets every sample's result, in order.
+    """Greedy answers to samples, sharded over ranks; every rank gets every result, in order.
 
     Every rank runs the same number of batches, so FSDP's collectives stay in
     step. Answers are never cut at an early </answer>: the reward reads the
@@ -65,23 +61,23 @@ def evaluate(model, processor, samples: list[dict], mode: str, device, batch_siz
     results = []
     for b in range(n_batches):
         indices = mine[b * batch_size:(b + 1) * batch_size]
-        # A rank with nothing left still steps the model once per batch, on a sample it then ignores.
-        prompts = data.collate([samples[i] for i in indices or [0]], processor, mode, image_size).to(device)
-        rollout = modellib.sample(model, prompts, 1, greedy)
-        for i, text in zip(indices, modellib.decode(processor.tokenizer, rollout)):
-            sample = samples[i]
+        # A rank with nothing left still steps the model once per batch, on a sample it ignores.
+        batch = [samples[i] for i in indices or [0]]
+        prompts = data.collate(batch, processor, mode, image_size).to(device)
+        texts = modellib.decode(processor.tokenizer, modellib.sample(model, prompts, 1, greedy))
+        for i, text, scores in zip(indices, texts, rewards.score(texts, batch, SCORERS, mode)):
             think = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
-            results.append({"index": i, "id": sample["id"], "completion": text,
-                            "choice": rewards.extract_choice(text, sample["options"]),
+            results.append({"index": i, "id": samples[i]["id"], "completion": text,
+                            "choice": rewards.extract_choice(text, samples[i]["options"]),
                             "rationale_chars": len(think.group(1)) if think else 0,
-                            **{name: scorer(text, sample) for name, scorer in SCORERS.items()}})
+                            **dict(zip(SCORERS, scores))})
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     return sorted((r for part in everyone for r in part), key=lambda r: r["index"])
 
 
 def summarize(results: list[dict]) -> dict:
-    """Each scorer's accuracy, the parse-failure rate and the mean rationale length of a list of results."""
+    """Each scorer's accuracy, the parse-failure rate and the mean rationale length of results."""
     n = max(len(results), 1)
     return {
         **{name: sum(r[name] for r in results) / n for name in SCORERS},
@@ -107,7 +103,7 @@ def matrix_markdown(rows: dict, columns: list[str], key: str) -> str:
 
 
 def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) -> None:
-    """The matrices of keys as .md, ours as .csv, and as a heatmap .png when matplotlib is installed."""
+    """The matrices of keys as .md, ours as .csv and a heatmap .png (when matplotlib is there)."""
     folder.mkdir(parents=True, exist_ok=True)
     markdown = "\n\n".join(f"### {key}\n\n" + matrix_markdown(rows, columns, key) for key in keys)
     (folder / "accuracy.md").write_text(markdown + "\n")
@@ -116,8 +112,8 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
         writer.writerow(["trained_on", *columns, "average", "pooled"])
         for name, by_column in rows.items():
             values = [by_column[c]["accuracy"] * 100 for c in columns]
-            writer.writerow([name, *[f"{v:.2f}" for v in values], f"{sum(values) / len(values):.2f}",
-                             f"{by_column[POOLED]['accuracy'] * 100:.2f}"])
+            values += [sum(values) / len(values), by_column[POOLED]["accuracy"] * 100]
+            writer.writerow([name, *[f"{v:.2f}" for v in values]])
     plt = common.pyplot("accuracy.png")
     if plt is None:
         return
@@ -128,7 +124,8 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
     ax.set_yticks(range(len(rows)), list(rows))
     for i, row in enumerate(values):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if value < 60 else "black")
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center",
+                    color="white" if value < 60 else "black")
     ax.set_xlabel("tested on")
     ax.set_ylabel("trained on")
     fig.colorbar(image, label="accuracy %")
@@ -138,33 +135,34 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
 
 @dataclass
 class EvalConfig:
-    """Greedy accuracy of checkpoints on test sets, one column per test set; every flag is a field here."""
+    """Greedy accuracy of checkpoints on test sets, one column per test set."""
 
-    checkpoints: str = "runs/tiny/final"  # comma-separated model folders; several make a matrix, one row each
-    split_files: str = ""  # comma-separated Med-R1 split files, one column each; empty = the held-out side of --data
-    data: str = ""  # OmniMedVQA root (images of the split files too); empty = the synthetic data in cache_dir
+    checkpoints: str = "runs/tiny/final"  # comma-separated model folders: one row each
+    split_files: str = ""  # comma-separated Med-R1 split files, one column each; empty = --data's
+    data: str = ""  # OmniMedVQA root (the split files' images too); empty = the synthetic data
     cache_dir: str = ".cache"  # where the synthetic dataset lives
     modalities: str = ""  # comma-separated Med-R1 modality names; empty = all
-    question_types: str = ""  # comma-separated; empty = all (Modality Recognition for the synthetic data)
-    columns: str = "modality"  # without split files, one column per modality or per question_type
-    prompt_mode: str = ""  # empty = the checkpoint's training mode; also medr1-eval-think, medr1-eval-no-think, zero-shot
-    image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep size
-    max_pixels: int = 0  # pixel budget per image after resizing; 0 = the processor's own (Med-R1: 401408)
+    question_types: str = ""  # comma-separated; empty = all (synthetic data: Modality Recognition)
+    columns: str = "modality"  # without split files, one column per modality or question_type
+    prompt_mode: str = ""  # empty = the checkpoint's training mode; or any of rewards.MODES
+    image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep
+    max_pixels: int = 0  # pixel budget per image; 0 = the processor's own (Med-R1: 401408)
     batch_size: int = 64  # prompts per greedy batch on each rank
     max_new_tokens: int = 256  # greedy decoding stops at an end token or here (Med-R1: 256)
     max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
     output: str = ""  # folder for accuracy.md/.csv/.png; empty = beside the first checkpoint
-    skip_bad_records: bool = False  # skip (and count) records with bad fields or unreadable images
+    skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
 
 
 def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
-    """Column name -> samples: one per split file, or root's held-out side by modality or question type."""
+    """Column -> samples: one per split file, or the held-out side by modality or question type."""
     sets = {}
     if cfg.split_files:
         errors = [] if cfg.skip_bad_records else None
         for path in cfg.split_files.split(","):
             samples = data.load_medr1_split(path, image_root=root)
-            sets[samples[0]["modality"] or samples[0]["question_type"]] = data.check_images(samples, errors)
+            column = samples[0]["modality"] or samples[0]["question_type"]
+            sets[column] = data.check_images(samples, errors)
         if errors:
             print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
     else:
@@ -188,7 +186,7 @@ def row_name(checkpoint: Path) -> str:
 
 
 def seen_in_training(checkpoint: Path, samples: list[dict], root: str) -> dict:
-    """The share of samples' images, and of samples themselves, that the checkpoint was trained on."""
+    """The share of samples' images, and of samples themselves, that the checkpoint trained on."""
     record_file = checkpoint / "training_data.json"
     if not record_file.exists():
         return {}
@@ -198,13 +196,48 @@ def seen_in_training(checkpoint: Path, samples: list[dict], root: str) -> dict:
 
 
 def scorers_markdown(rows: dict, columns: list[str]) -> str:
-    """One line per row: each scorer's unweighted mean over the columns, and the parse and rationale figures."""
+    """One line per row: each scorer's unweighted mean over the columns, parse failures and the
+    mean rationale length."""
     keys = [*SCORERS, "parse_failures"]
     lines = ["| row | " + " | ".join(keys) + " | rationale chars |", "|---" * (len(keys) + 2) + "|"]
     for name, by_column in rows.items():
-        means = [sum(by_column[c][key] for c in columns) / len(columns) for key in [*keys, "rationale_chars"]]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in means[:-1]) + f" | {means[-1]:.0f} |")
+        means = [sum(by_column[c][key] for c in columns) / len(columns) for key in keys]
+        rationale = sum(by_column[c]["rationale_chars"] for c in columns) / len(columns)
+        cells = [f"{100 * v:.2f}" for v in means] + [f"{rationale:.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str, device) -> dict:
+    """One row of the tables: column (and POOLED) -> summary, for one checkpoint."""
+    trained = checkpoint / "train_config.json"
+    mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists()
+                               else "think-after")
+    processor = modellib.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
+    tokens = modellib.visual_tokens(processor, cfg.image_size or None)
+    print0(f"{checkpoint}: prompt mode {mode}, {tokens} visual tokens per image")
+    model = modellib.load_model(checkpoint).to(device)
+    modellib.shard(model, bf16=device.type == "cuda")
+    everything = [s for samples in sets.values() for s in samples]
+    results = evaluate(model, processor, everything, mode, device, cfg.batch_size,
+                       cfg.max_new_tokens, cfg.image_size or None)
+    by_column, start = {}, 0
+    for column, samples in sets.items():
+        by_column[column] = {**summarize(results[start:start + len(samples)]),
+                             **seen_in_training(checkpoint, samples, root)}
+        start += len(samples)
+    by_column[POOLED] = {**summarize(results), **seen_in_training(checkpoint, everything, root)}
+    if by_column[POOLED].get("trained_questions"):
+        print0(f"warning: {checkpoint} was trained on {by_column[POOLED]['trained_questions']:.1%} "
+               "of these test questions: its accuracy here is not a held-out accuracy")
+    if dist.get_rank() == 0:
+        overall = {"mean_over_test_sets": sum(by_column[c]["accuracy"] for c in sets) / len(sets),
+                   "prompt_mode": mode, **by_column[POOLED]}
+        per_test_set = {c: by_column[c] for c in sets}
+        results_file = checkpoint / "eval_results.json"
+        results = {"overall": overall, "per_test_set": per_test_set}
+        results_file.write_text(json.dumps(results, indent=1))
+    return by_column
 
 
 def main():
@@ -213,51 +246,28 @@ def main():
     root = tiny.dataset_root(cfg.data, cfg.cache_dir)
     sets = test_sets(cfg, root)
     columns = list(sets)
-    everything = [s for samples in sets.values() for s in samples]
     # Picking an option uniformly at random: every scorer's expected accuracy is the same.
-    rows = {"random guess": {column: {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
-                                      "parse_failures": 0.0, "rationale_chars": 0.0}
-                             for column, samples in [*sets.items(), (POOLED, everything)]}}
+    rows = {"random guess": {
+        column: {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
+                 "parse_failures": 0.0, "rationale_chars": 0.0}
+        for column, samples in [*sets.items(), (POOLED, [s for v in sets.values() for s in v])]}}
     for checkpoint in map(Path, cfg.checkpoints.split(",")):
-        trained = checkpoint / "train_config.json"
-        mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists() else
-                                   "think-after")
-        processor = modellib.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
-        print0(f"{checkpoint}: prompt mode {mode}, "
-                     f"{modellib.visual_tokens(processor, cfg.image_size or None)} visual tokens per image")
-        model = modellib.load_model(checkpoint).to(device)
-        modellib.shard(model, bf16=device.type == "cuda")
-        results = evaluate(model, processor, everything, mode, device, cfg.batch_size, cfg.max_new_tokens,
-                           cfg.image_size or None)
-        by_column, start = {}, 0
-        for column, samples in [*sets.items(), (POOLED, everything)]:
-            part = results[start:start + len(samples)] if column != POOLED else results
-            by_column[column] = {**summarize(part), **seen_in_training(checkpoint, samples, root)}
-            start += len(samples)
         name = row_name(checkpoint)
         while name in rows:  # two checkpoints trained on the same thing keep a row each
             name += "'"
-        rows[name] = by_column
-        if by_column[POOLED].get("trained_questions"):
-            print0(f"warning: {checkpoint} was trained on {by_column[POOLED]['trained_questions']:.1%} of "
-                         "these test questions: its accuracy here is not a held-out accuracy")
-        if dist.get_rank() == 0:
-            overall = {"mean_over_test_sets": sum(by_column[c]["accuracy"] for c in columns) / len(columns),
-                       "prompt_mode": mode, **by_column[POOLED]}
-            per_test_set = {c: by_column[c] for c in columns}
-            (checkpoint / "eval_results.json").write_text(json.dumps({"overall": overall,
-                                                                      "per_test_set": per_test_set}, indent=1))
-        del model
+        rows[name] = evaluate_checkpoint(cfg, checkpoint, sets, root, device)
     if dist.get_rank() == 0:
-        # The share of test images and questions that training saw, where a checkpoint says what it trained on.
+        # The share of test images and questions that training saw, where a checkpoint says.
         seen_keys = ["seen_images", "trained_questions"] if any(
             "seen_images" in by_column[POOLED] for by_column in rows.values()) else []
         for name, by_column in rows.items():
-            for summary, key in [(summary, key) for summary in by_column.values() for key in seen_keys]:
-                summary.setdefault(key, 0.0 if name == "random guess" else math.nan)
-        print("\naccuracy (%), ours; average: the unweighted mean over the test sets, pooled: over every "
-              "question\n" + matrix_markdown(rows, columns, "accuracy"))
-        print("\nevery scorer (%), the unweighted mean over the test sets\n" + scorers_markdown(rows, columns))
+            for summary in by_column.values():
+                for key in seen_keys:
+                    summary.setdefault(key, 0.0 if name == "random guess" else math.nan)
+        print("\naccuracy (%), ours; average: the unweighted mean over the test sets, pooled: over "
+              "every question\n" + matrix_markdown(rows, columns, "accuracy"))
+        print("\nevery scorer (%), the unweighted mean over the test sets\n" +
+              scorers_markdown(rows, columns))
         for key in seen_keys:
             print(f"\n{key} (%; nan: the checkpoint does not say what it trained on)\n" +
                   matrix_markdown(rows, columns, key))

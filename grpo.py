@@ -98,7 +98,7 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
-def loss_count(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> float:
+def loss_count(mask: torch.Tensor, loss_type: str, max_completion_length: int | None = None) -> int:
     """Equation (5)'s denominator over the completions of mask (N, T): the sequences that have a
     loss (grpo), their tokens (dapo) or those sequences x T_max (dr_grpo)."""
     sequences = (mask.sum(dim=1) > 0).sum().item()
@@ -107,10 +107,11 @@ def loss_count(mask: torch.Tensor, loss_type: str, max_completion_length: int | 
 
 
 def global_loss_count(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> float:
-    """This piece's share of the whole step's denominator: loss_count summed over every rank's piece
-    (a collective under torch.distributed), divided by the number of ranks, whose gradients are averaged."""
-    total = torch.tensor(float(loss_count(mask, loss_type, max_completion_length)), dtype=torch.float64,
-                         device=mask.device)
+    """This piece's share of the whole step's denominator: loss_count summed over every rank's
+    piece (a collective under torch.distributed), divided by the number of ranks, whose gradients
+    are averaged."""
+    count = loss_count(mask, loss_type, max_completion_length)
+    total = torch.tensor(float(count), dtype=torch.float64, device=mask.device)
     world = 1
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -155,11 +156,13 @@ def policy_loss(
     per_sequence = torch.where(mask, per_token, 0).sum(dim=1)  # (N,)
     if loss_type == "grpo":
         per_sequence = per_sequence / mask.sum(dim=1).clamp(min=1)  # each sequence's own mean
-    loss = per_sequence.sum() / (denominator or max(loss_count(mask, loss_type, max_completion_length), 1))
+    denominator = denominator or max(loss_count(mask, loss_type, max_completion_length), 1)
+    loss = per_sequence.sum() / denominator
 
     with torch.no_grad():
         n_tokens = max(mask.sum().item(), 1)
-        # Where the clipped term is the minimum: below 1 - eps_low with A < 0, above 1 + eps_high with A > 0.
+        # Where the clipped term is the minimum: below 1 - eps_low with A < 0, above 1 + eps_high
+        # with A > 0.
         clipped_low = (ratio < 1 - eps_low) & (adv < 0) & mask  # (N, T)
         clipped_high = (ratio > 1 + eps_high) & (adv > 0) & mask  # (N, T)
         masked_ratio = ratio[mask] if mask.any() else torch.ones(1)

@@ -1,4 +1,4 @@
-"""Everything that touches the network: loading, FSDP2, sampling, log-probs, saving.
+"""Everything that touches the network: loading, FSDP2, sampling, log-probs.
 
 Shapes: B prompts, G samples per prompt, N = B*G rows, P prompt tokens,
 T completion tokens, V vocabulary.
@@ -7,24 +7,23 @@ T completion tokens, V vocabulary.
 import functools
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, PreTrainedTokenizerFast
+from transformers import (AutoModelForImageTextToText, AutoTokenizer, DynamicCache,
+                          PreTrainedTokenizerFast)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
 
 # The policy must never sample these: a stray <|image_pad|> breaks the training forward.
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>"]
 
 
 # ---------------------------------------------------------------- processor
@@ -32,26 +31,30 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 
 @dataclass
 class Processor:
-    """Image-only stand-in for Qwen2VLProcessor, whose video half needs torchvision in transformers 5."""
+    """Image-only stand-in for Qwen2VLProcessor, whose video half needs torchvision here."""
 
     tokenizer: PreTrainedTokenizerFast
     image_processor: Qwen2VLImageProcessorPil
 
     @classmethod
-    def from_pretrained(cls, path, min_pixels: int | None = None, max_pixels: int | None = None) -> "Processor":
+    def from_pretrained(cls, path, min_pixels: int | None = None,
+                        max_pixels: int | None = None) -> "Processor":
         path = Path(path)
         if not (path / "preprocessor_config.json").exists() or not list(path.glob("tokenizer*")):
-            raise FileNotFoundError(f"{path} has no processor files (preprocessor_config.json, tokenizer.json): "
+            raise FileNotFoundError(f"{path} has no processor files (preprocessor_config.json, "
+                                    "tokenizer.json): "
                                     "copy them from the base model folder")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.chat_template is None and (path / "chat_template.json").exists():
-            tokenizer.chat_template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-        pixel_limits = {k: v for k, v in [("min_pixels", min_pixels), ("max_pixels", max_pixels)] if v}
+            template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+            tokenizer.chat_template = template
+        pixel_limits = {k: v for k, v in [("min_pixels", min_pixels), ("max_pixels", max_pixels)]
+                        if v}
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **pixel_limits)
         return cls(tokenizer, image_processor)
 
     def __call__(self, texts: list[str], images: list) -> dict:
-        """Tokenize B chat texts (one image placeholder each, left-padded) and encode their B images."""
+        """Tokenize B chat texts (one image placeholder each, left-padded) and encode B images."""
         vision = self.image_processor(images=images, return_tensors="pt")
         merge = self.image_processor.merge_size ** 2
         # Each image becomes grid_t * grid_h * grid_w / merge^2 <|image_pad|> tokens.
@@ -73,7 +76,7 @@ class Processor:
 
 
 def end_token_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: <|im_end|>, <|endoftext|> and the generation config's eos."""
+    """Every id that ends a completion: <|im_end|>, <|endoftext|>, the generation config's eos."""
     ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     eos = model.generation_config.eos_token_id
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -81,7 +84,7 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 
 def visual_tokens(processor: Processor, image_size: int | None) -> int:
-    """How many <|image_pad|> tokens one image of image_size x image_size becomes (Med-R1's 384: 196).
+    """How many <|image_pad|> tokens an image_size x image_size image becomes (Med-R1's 384: 196).
 
     Run once at start-up so the log shows the image budget the processor really applies.
     """
@@ -108,13 +111,15 @@ def shard(model, bf16: bool, hybrid: bool = False) -> None:
     LOCAL_WORLD_SIZE ranks per node): parameter all-gathers stay on the node's
     fast links, only the gradient all-reduce crosses nodes.
     """
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
-        MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy()
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mesh = None
     if hybrid:
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
-                                (dist.get_world_size() // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+                                (dist.get_world_size() // per_node, per_node),
+                                mesh_dim_names=("replicate", "shard"))
     fully_shard(model.model.visual, mp_policy=policy, mesh=mesh)
     for layer in model.model.language_model.layers:
         fully_shard(layer, mp_policy=policy, mesh=mesh)
@@ -127,7 +132,8 @@ def gathered_once(function):
     every one of the decode loop's forwards."""
     @functools.wraps(function)
     def wrapper(model, *args, **kwargs):
-        units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]  # the root keeps its own
+        # Every unit but the root, which keeps its own parameters gathered after forward.
+        units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
         for unit in units:
             unit.set_reshard_after_forward(False, recurse=False)
         try:
@@ -161,14 +167,15 @@ class Decoding:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    end_ids: tuple[int, ...] = ()  # tokens that end a completion (none: every row runs to the limit)
+    end_ids: tuple[int, ...] = ()  # tokens that end a completion (none: rows run to the limit)
     banned_ids: tuple[int, ...] = ()  # tokens never drawn
 
 
-def decoding_for(model, tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0) -> Decoding:
+def decoding_for(model, tokenizer, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0) -> Decoding:
     """Decoding that ends at the model's end tokens and never draws a vision token."""
-    return Decoding(max_new_tokens, temperature, top_p, top_k, tuple(end_token_ids(model, tokenizer)),
+    return Decoding(max_new_tokens, temperature, top_p, top_k,
+                    tuple(end_token_ids(model, tokenizer)),
                     tuple(tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
 
 
@@ -188,16 +195,16 @@ def prefill(model, prompts: data.PromptBatch, cache=None):
     positions, _ = model.model.get_rope_index(prompts.input_ids, prompts.mm_token_type_ids,
                                               image_grid_thw=prompts.image_grid_thw,
                                               attention_mask=prompts.attention_mask)  # (3, B, P)
-    out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask, position_ids=positions,
-                pixel_values=prompts.pixel_values, image_grid_thw=prompts.image_grid_thw,
-                mm_token_type_ids=prompts.mm_token_type_ids, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                position_ids=positions, pixel_values=prompts.pixel_values,
+                image_grid_thw=prompts.image_grid_thw, mm_token_type_ids=prompts.mm_token_type_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out, positions
 
 
-def draw_token(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float, top_p: float,
-               top_k: int, banned_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One token per row from logits (n, V): the token, its log-prob and the distribution's entropy (n,).
+def draw_token(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float,
+               top_p: float, top_k: int, banned_ids: torch.Tensor) -> tuple:
+    """One token per row from logits (n, V): the token, its log-prob and the entropy, each (n,).
 
     The token is drawn by inverse CDF with the row's uniform number (greedy when
     temperature is 0 or uniform is None), never among banned_ids, and only among
@@ -208,10 +215,12 @@ def draw_token(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: 
     scaled = logits / (temperature if temperature > 0 else 1.0)  # (n, V)
     allowed = scaled.index_fill(1, banned_ids, float("-inf"))  # (n, V)
     if temperature > 0 and uniform is not None:
-        cdf = top_p_filter(top_k_filter(allowed, top_k), top_p).softmax(dim=-1).cumsum(dim=-1)  # (n, V)
+        kept = top_p_filter(top_k_filter(allowed, top_k), top_p)  # (n, V)
+        cdf = kept.softmax(dim=-1).cumsum(dim=-1)  # (n, V)
         # The first token whose cumulative probability exceeds u; tokens of
         # probability 0 (banned, filtered) can never be that token.
-        token = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)  # (n,)
+        target = (uniform * cdf[:, -1]).unsqueeze(1)  # (n, 1)
+        token = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (n,)
     else:
         token = allowed.argmax(dim=-1)  # (n,)
     all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
@@ -272,7 +281,8 @@ def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding
     # Text after the prompt counts on from the prompt's largest position, whatever the padding.
     next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (n,)
     attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (n, P)
-    filler = decoding.end_ids[0] if decoding.end_ids else 0  # what rows that ended emit (masked out)
+    # What rows that ended emit (masked out).
+    filler = decoding.end_ids[0] if decoding.end_ids else 0
     end_ids = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
     banned_ids = torch.tensor(decoding.banned_ids, dtype=torch.long, device=device)
     finished = torch.zeros(N, dtype=torch.bool, device=device)
@@ -280,16 +290,19 @@ def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding
 
     def to_all_rows(values, fill):
         """(n,) values of the active rows -> (N,), fill for rows no longer in the batch."""
-        return torch.full((N,), fill, dtype=values.dtype, device=device).index_copy(0, active, values)
+        full = torch.full((N,), fill, dtype=values.dtype, device=device)
+        return full.index_copy(0, active, values)
 
     for t in range(decoding.max_new_tokens):
         uniform = None
         if decoding.temperature > 0:
             first, total = rows or (0, N)
-            uniform = torch.rand(total, generator=generator)[first:first + N].to(device)[active]  # (n,)
+            uniform = torch.rand(total, generator=generator)[first:first + N]  # (N,)
+            uniform = uniform.to(device)[active]  # (n,)
         token, logprob, entropy = draw_token(logits, uniform, decoding.temperature, decoding.top_p,
                                              decoding.top_k, banned_ids)  # (n,) each
-        step_token = torch.where(finished, filler, to_all_rows(token, filler))  # (N,), ended rows: padding
+        # (N,): rows that ended emit padding.
+        step_token = torch.where(finished, filler, to_all_rows(token, filler))
         tokens.append(step_token)
         logprobs.append(to_all_rows(logprob, 0.0))  # (N,)
         entropies.append(to_all_rows(entropy, 0.0))  # (N,)
@@ -297,7 +310,8 @@ def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding
         finished = finished | torch.isin(step_token, end_ids)
         if stop is not None:
             finished = finished | stop(torch.stack(tokens, dim=1))
-        # The one host synchronization per token: how many active rows go on, and whether all ranks are done.
+        # The one host synchronization per token: how many active rows go on, and whether all
+        # ranks are done.
         going_on = ~finished[active]  # (n,)
         done = (~going_on).all().int()
         if dist.is_initialized():
@@ -305,15 +319,17 @@ def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding
         left, done = torch.stack([going_on.sum(), done]).tolist()
         if done or t == decoding.max_new_tokens - 1:
             break
-        if 0 < left <= len(active) // 2:  # drop the ended rows (never all: the forward must still run)
+        # Drop the ended rows once half have ended (never all: the forward must still run).
+        if 0 < left <= len(active) // 2:
             keep = going_on.nonzero().squeeze(1)  # (left,)
             cache.batch_select_indices(keep)
-            active, next_position, attention_mask = active[keep], next_position[keep], attention_mask[keep]
+            active, next_position = active[keep], next_position[keep]
+            attention_mask = attention_mask[keep]
         n = len(active)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=1)  # (n, P + t + 1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)  # (n, P+t+1)
         position = (next_position + t).view(1, n, 1).expand(3, n, 1)  # (3, n, 1)
-        out = decode_step(input_ids=step_token[active, None], attention_mask=attention_mask, position_ids=position,
-                          past_key_values=cache, use_cache=True)
+        out = decode_step(input_ids=step_token[active, None], attention_mask=attention_mask,
+                          position_ids=position, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()  # (n, V)
     mask = torch.stack(masks, dim=1)  # (N, T)
     return Rollout(
@@ -336,11 +352,13 @@ class PromptCache(DynamicCache):
         if not self.frozen:
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+        keys = torch.cat([layer.keys, key_states], dim=-2)
+        return keys, torch.cat([layer.values, value_states], dim=-2)
 
 
-def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                   temperature: float = 1.0, group_size: int = 1) -> torch.Tensor:
+def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tensor,
+                   completion_mask: torch.Tensor, temperature: float = 1.0,
+                   group_size: int = 1) -> torch.Tensor:
     """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T).
 
     Completion row i belongs to prompt row i // group_size. As in sample(), each
@@ -361,20 +379,24 @@ def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tenso
     if T > 1:
         cache.batch_repeat_interleave(G)  # (B, ...) -> (N, ...), differentiable
         cache.frozen = True
-        attention_mask = torch.cat([prompts.attention_mask.repeat_interleave(G, dim=0), completion_mask[:, :-1]],
-                                   dim=1)  # (N, P + T - 1)
+        prompt_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (N, P)
+        attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1)  # (N, P + T - 1)
         start = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (N,), as in sample()
-        position = (start.unsqueeze(1) + torch.arange(T - 1, device=start.device)).expand(3, -1, -1)  # (3, N, T-1)
+        offsets = torch.arange(T - 1, device=start.device)  # (T - 1,)
+        position = (start.unsqueeze(1) + offsets).expand(3, -1, -1)  # (3, N, T - 1)
         training = model.training
-        model.train(training or model.is_activation_checkpointing)  # HF checkpoints layers only in train mode
-        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask, position_ids=position,
-                     past_key_values=cache, use_cache=True).logits  # (N, T - 1, V)
+        # HF checkpoints layers only in train mode.
+        model.train(training or model.is_activation_checkpointing)
+        rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention_mask,
+                     position_ids=position, past_key_values=cache, use_cache=True)
+        rest = rest.logits  # (N, T - 1, V)
         model.train(training)
         logprobs.append(chosen_logprobs(rest, completion_ids[:, 1:], temperature))  # (N, T - 1)
     return torch.cat(logprobs, dim=1)  # (N, T)
 
 
-def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk_rows: int = 16) -> torch.Tensor:
+def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                    chunk_rows: int = 16) -> torch.Tensor:
     """log softmax(logits / temperature) at ids, fp32: (n, t, V) logits of any dtype -> (n, t).
 
     A few rows at a time, each recomputed in the backward pass, so the fp32 copy
@@ -395,21 +417,23 @@ def enable_grad_checkpointing(model) -> None:
     in eval mode otherwise); it reads the prompt's frozen cache (PromptCache),
     which makes the replay safe.
     """
-    model.activation_checkpointing_enable()  # use_reentrant=False; HF checkpoints only in train mode
+    # use_reentrant=False; HF checkpoints only in train mode.
+    model.activation_checkpointing_enable()
     for layer in model.model.language_model.layers:
         layer._can_checkpoint_with_cache = True
 
 
 def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) -> torch.Tensor:
-    """Mean negative log-likelihood of each target text and <|im_end|>, on completion tokens only."""
+    """Mean negative log-likelihood of each target text and <|im_end|>, on completion tokens."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = [tokenizer(text)["input_ids"] + [end] for text in targets]
     T = max(len(t) for t in ids)
     completion_ids = torch.tensor([t + [end] * (T - len(t)) for t in ids])  # (B, T)
     completion_mask = torch.tensor([[1] * len(t) + [0] * (T - len(t)) for t in ids])  # (B, T)
     device = prompts.input_ids.device
-    logprobs = token_logprobs(model, prompts, completion_ids.to(device), completion_mask.to(device))  # (B, T)
-    return -(logprobs * completion_mask.to(device)).sum() / completion_mask.sum()
+    completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
+    logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
+    return -(logprobs * completion_mask).sum() / completion_mask.sum()
 
 
 @torch.no_grad()
@@ -419,42 +443,3 @@ def sync_reference(policy, reference, alpha: float) -> None:
     reference.reshard()
     for ref_param, param in zip(reference.parameters(), policy.parameters()):
         ref_param.lerp_(param.to(ref_param.dtype), alpha)  # the reference may be stored in bf16
-
-
-# ---------------------------------------------------------------- saving
-
-
-def save_checkpoint(model, processor: Processor, folder, extra: dict, optimizer=None, trainer_state=None) -> None:
-    """A Hugging Face folder that from_pretrained loads, gathered from FSDP2 on rank 0. Collective.
-
-    Written to folder.tmp and renamed into place only when complete, so a crash
-    at any moment leaves the previous checkpoint loadable. With an optimizer, the
-    full optimizer state and trainer_state (tensors, numbers, strings: loadable
-    with weights_only=True) go to trainer_state.pt for an exact resume.
-    """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
-    if dist.get_rank() == 0:
-        folder = Path(folder)
-        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.generation_config.use_cache = True
-        model.save_pretrained(tmp, state_dict=state)
-        processor.save_pretrained(tmp)
-        for name, content in extra.items():
-            (tmp / name).write_text(json.dumps(content, indent=1))
-        if optimizer is not None:
-            torch.save({**trainer_state, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load_trainer_state(model, optimizer, folder) -> dict:
-    """Restore the optimizer from a checkpoint's trainer_state.pt and return the rest of it."""
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, state.pop("optimizer"), options=StateDictOptions(full_state_dict=True))
-    return state

@@ -21,8 +21,8 @@ class PromptMode:
     """What the model is asked to write, and the layout that the format reward checks."""
 
     template: str  # the user text after the image; {problem} is the question with its options
-    layout: re.Pattern | None = None  # the whole stripped completion must match; None: evaluation only
-    example: str = ""  # an answer in this layout from {letter} and {reason}: the tiny default's warm-up
+    layout: re.Pattern | None = None  # the whole stripped completion must match; None: eval only
+    example: str = ""  # an answer in this layout from {letter} and {reason} (the tiny warm-up)
 
 
 # think-before and no-think are Med-R1's released training templates and format
@@ -31,27 +31,30 @@ class PromptMode:
 # differ from its training templates.
 MODES = {
     "think-after": PromptMode(
-        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
-        "<answer>...</answer> tags. 2. Then explain your reasoning briefly, enclosed in <think>...</think> "
-        "tags. 3. No extra information or text outside of these tags.",
+        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) "
+        "inside <answer>...</answer> tags. 2. Then explain your reasoning briefly, enclosed in "
+        "<think>...</think> tags. 3. No extra information or text outside of these tags.",
         re.compile(r"<answer>.*?</answer>\s*<think>.*?</think>", re.DOTALL),
         "<answer>{letter}</answer><think>{reason}</think>"),
     "think-before": PromptMode(
-        "{problem} Your task: 1. Think through the question step by step, enclose your reasoning process in "
-        "<think>...</think> tags. 2. Then provide the correct single-letter choice (A, B, C, D,...) inside "
-        "<answer>...</answer> tags. 3. No extra information or text outside of these tags.",
+        "{problem} Your task: 1. Think through the question step by step, enclose your reasoning "
+        "process in <think>...</think> tags. 2. Then provide the correct single-letter choice "
+        "(A, B, C, D,...) inside <answer>...</answer> tags. 3. No extra information or text "
+        "outside of these tags.",
         re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL),
         "<think>{reason}</think><answer>{letter}</answer>"),
     "no-think": PromptMode(
-        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) inside "
-        "<answer>...</answer> tags. 2. No extra information or text outside of this tag.",
+        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) "
+        "inside <answer>...</answer> tags. 2. No extra information or text outside of this tag.",
         re.compile(r"<answer>.*?</answer>", re.DOTALL),
         "<answer>{letter}</answer>"),
     "medr1-eval-think": PromptMode(
-        "{problem} Think through the question step by step in <think>...</think> tags. Then provide the "
-        "correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags."),
+        "{problem} Think through the question step by step in <think>...</think> tags. Then "
+        "provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> "
+        "tags."),
     "medr1-eval-no-think": PromptMode(
-        "{problem} Provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> tags."),
+        "{problem} Provide the correct single-letter choice (A, B, C, D,...) inside "
+        "<answer>...</answer> tags."),
     "zero-shot": PromptMode("{problem} Provide the correct single-letter choice (A, B, C, D,...)."),
 }
 # The modes a model can be trained in: those with a layout for the format reward.
@@ -84,7 +87,7 @@ def extract_choice(text: str, options: dict) -> str | None:
         # "A) CT or B) MRI" names two options: ambiguous, so no choice.
         others = re.search(rf"\b[{''.join(options)}]\b", content[match.end(1):])
         return letter if letter in options and not others else None
-    by_text = [letter for letter, option in options.items() if option.strip().lower() == content.lower()]
+    by_text = [L for L, text in options.items() if text.strip().lower() == content.lower()]
     return by_text[0] if len(by_text) == 1 else None
 
 
@@ -103,13 +106,13 @@ FIRST_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>")
 
 
 def medr1_reward_choice(text: str) -> str:
-    """The stripped content of the first one-line <answer> tag, or the whole stripped text if there is none."""
+    """The stripped content of the first one-line <answer> tag, or else the whole stripped text."""
     match = FIRST_ANSWER_TAG.search(text)
     return (match.group(1) if match else text).strip()
 
 
 def accuracy_medr1_reward(completion: str, sample: dict) -> float:
-    """1 if medr1_reward_choice is exactly the gold letter ("C." and "c" score 0): Med-R1's training reward."""
+    """Med-R1's training reward: medr1_reward_choice must be exactly the letter ("C." scores 0)."""
     return float(medr1_reward_choice(completion) == sample["answer"])
 
 
@@ -118,13 +121,13 @@ MEDR1_EVAL_TAG = re.compile(r"<answer>\s*(\w+)\s*</answer>")
 
 
 def accuracy_medr1_think(completion: str, sample: dict) -> float:
-    """Med-R1's think evaluation: the first <answer> tag holding one word must be the gold letter; no tag: 0."""
+    """Med-R1's think evaluation: the first <answer> tag holding one word must be the letter."""
     match = MEDR1_EVAL_TAG.search(completion)
     return float(match is not None and match.group(1) == sample["answer"])
 
 
 def accuracy_medr1_raw(completion: str, sample: dict) -> float:
-    """Med-R1's no-think and zero-shot evaluation (Qwen2-VL): the raw output, unstripped, must be the gold letter."""
+    """Med-R1's no-think and zero-shot evaluation (Qwen2-VL): the raw output must be the letter."""
     return float(completion == sample["answer"])
 
 
@@ -137,8 +140,8 @@ REWARDS = {
 }
 
 
-def score(completions: list[str], samples: list[dict], names: list[str], mode: str) -> list[list[float]]:
-    """One row per completion, one column per reward name; a reward that raises is named in the error."""
+def score(completions: list[str], samples: list[dict], names: list[str], mode: str) -> list[list]:
+    """One row per completion, one column per reward name, each sample seen with its prompt mode."""
     table = []
     for completion, sample in zip(completions, samples):
         sample = {**sample, "mode": mode}
@@ -147,6 +150,7 @@ def score(completions: list[str], samples: list[dict], names: list[str], mode: s
             try:
                 row.append(float(REWARDS[name](completion, sample)))
             except Exception as error:
-                raise RuntimeError(f"reward {name!r} failed on sample {sample['id']!r}: {error!r}") from error
+                raise RuntimeError(f"reward {name!r} failed on sample {sample['id']!r}: "
+                                   f"{error!r}") from error
         table.append(row)
     return table

@@ -25,6 +25,8 @@ from common import print0
 
 # The synthetic data's default task: the tiny model learns it in minutes.
 QUESTION_TYPE = "Modality Recognition"
+# Asked only of images with a lesion.
+QUESTION_TYPES_OF_A_LESION = ("Lesion Grading", "Other Biological Attributes")
 
 
 def dataset_root(data_dir: str, cache_dir: str) -> str:
@@ -55,37 +57,43 @@ def model_path(model: str, cache_dir: str, root: str) -> str:
 # Qwen2-VL's special tokens and chat template, as its tokenizer ships them.
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
-# The policy must never sample these: a stray <|image_pad|> breaks the training forward.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
     "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: "
     "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
 def warmup_target(sample: dict, mode: str, rng: random.Random) -> str:
-    """A completion in the mode's format with a uniformly random letter: format without knowledge."""
+    """A completion in the mode's format with a uniformly random letter: format, no knowledge."""
     letter = rng.choice(list(sample["options"]))
-    reason = rng.choice(["The image shows it.", "This is what the image looks like.", "It fits the findings."])
+    reason = rng.choice(["The image shows it.", "This is what the image looks like.",
+                         "It fits the findings."])
     return rewards.MODES[mode].example.format(letter=letter, reason=reason)
 
 
 def train_tokenizer(samples: list[dict]) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE over the prompts and answer formats, plus Qwen2-VL's special tokens."""
+    """A small byte-level BPE over the prompts and answer formats, and Qwen2-VL's special tokens."""
     corpus = [data.build_prompt(s, mode) for s in samples for mode in rewards.TRAINING_MODES]
-    corpus += [warmup_target(s, mode, random.Random(i)) for i, s in enumerate(samples) for mode in rewards.TRAINING_MODES]
+    corpus += [warmup_target(s, mode, random.Random(i)) for i, s in enumerate(samples)
+               for mode in rewards.TRAINING_MODES]
     corpus += ["system\nYou are a helpful assistant."] * len(samples)
     bpe = Tokenizer(models.BPE())
     # Merges may cross word boundaries (use_regex=False), so the fixed prompt
@@ -96,7 +104,8 @@ def train_tokenizer(samples: list[dict]) -> PreTrainedTokenizerFast:
         vocab_size=1000, max_token_length=16, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     bpe.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
 
 
@@ -109,7 +118,8 @@ def tiny_config(tokenizer):
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
             # head_dim 32 -> 16 rotary frequencies split over (time, height, width).
             rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -118,7 +128,7 @@ def tiny_config(tokenizer):
 
 
 def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> Path:
-    """Build the embedded default once and cache it: tokenizer, random Qwen2-VL, format-only warm-up.
+    """Build the embedded default once: its tokenizer, a random Qwen2-VL, a format-only warm-up.
 
     The warm-up is supervised on targets with the right tags and a uniformly
     random letter, for every prompt mode and question type, so the base follows
@@ -139,7 +149,8 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
     for _ in range(warmup_steps):
         batch_samples, mode = rng.sample(samples, 32), rng.choice(rewards.TRAINING_MODES)
         prompts = data.collate(batch_samples, processor, mode)
-        loss = modellib.sft_loss(model, processor.tokenizer, prompts, [warmup_target(s, mode, rng) for s in batch_samples])
+        targets = [warmup_target(s, mode, rng) for s in batch_samples]
+        loss = modellib.sft_loss(model, processor.tokenizer, prompts, targets)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -185,9 +196,9 @@ LOOKS = [
 ]
 
 
-def draw_image(modality_index: int, anatomy: int, lesion_grade: int, side: int, rng: np.random.Generator,
-               size: int) -> Image.Image:
-    """A procedural image: modality sets colour and texture, anatomy the body shape, the lesion its spot."""
+def draw_image(modality_index: int, anatomy: int, lesion_grade: int, side: int,
+               rng: np.random.Generator, size: int) -> Image.Image:
+    """A procedural image: modality sets colour and texture, anatomy the body, a lesion a spot."""
     background, foreground, texture = LOOKS[modality_index]
     y, x = np.mgrid[0:size, 0:size] / size  # (S, S) each, in [0, 1)
     cy, cx = 0.5 + rng.uniform(-0.05, 0.05, 2)
@@ -217,7 +228,8 @@ def draw_image(modality_index: int, anatomy: int, lesion_grade: int, side: int, 
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def synthetic_options(question_type: str, truth: int, rng: random.Random, fixed_order: bool) -> list[str]:
+def synthetic_options(question_type: str, truth: int, rng: random.Random,
+                      fixed_order: bool) -> list[str]:
     """The option texts for one question whose answer is ANSWER_POOLS[question_type][truth]."""
     pool = ANSWER_POOLS[question_type]
     if question_type == "Modality Recognition":
@@ -257,10 +269,12 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
             anatomy, grade, side = int(rng.integers(4)), int(rng.integers(4)), int(rng.integers(2))
             image_path = f"Images/{dataset}/{i:05d}.png"
             draw_image(m, anatomy, grade, side, rng, image_size).save(root / image_path)
-            truths = [m, anatomy, int(grade > 0), grade - 1, side]  # index into ANSWER_POOLS, per type
+            # Per question type, the index of the answer in ANSWER_POOLS.
+            truths = [m, anatomy, int(grade > 0), grade - 1, side]
             for q, (question_type, truth) in enumerate(zip(data.QUESTION_TYPES, truths)):
-                if grade == 0 and question_type in ("Lesion Grading", "Other Biological Attributes"):
-                    continue  # no lesion: nothing to grade or locate
+                # No lesion: nothing to grade or locate.
+                if grade == 0 and question_type in QUESTION_TYPES_OF_A_LESION:
+                    continue
                 options = synthetic_options(question_type, truth, option_rng, fixed_order)
                 record = {
                     "dataset": dataset,

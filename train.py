@@ -2,7 +2,7 @@
 
     python train.py                              # embedded tiny model + synthetic data, CPU
     torchrun --nproc_per_node 2 train.py         # the same on two processes (gloo), FSDP2
-    torchrun --nproc_per_node 8 train.py --model /models/Qwen2-VL-2B-Instruct --data /data/OmniMedVQA
+    torchrun --nproc_per_node 8 train.py --model /models/Qwen2-VL-2B --data /data/OmniMedVQA
 
 Each step: sample G completions per prompt -> score them with rule rewards ->
 advantages within each group -> one clipped, KL-regularised policy update
@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 import random
-import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import common
 import data
 import eval as evaluation
@@ -108,7 +109,7 @@ def resolve(cfg: Config, world: int) -> Config:
     if unknown:
         raise SystemExit(f"unknown rewards {sorted(unknown)}; known: {list(rewards.REWARDS)}")
     if cfg.num_generations < 2 and cfg.algo == "grpo":
-        raise SystemExit("--num_generations must be at least 2: advantages are relative to the group")
+        raise SystemExit("--num_generations must be at least 2: advantages are relative to a group")
     for name, allowed in [("algo", ("grpo", "sft")), ("loss_type", grpo.LOSS_TYPES),
                           ("scale_rewards", ("group", "batch", "none")),
                           ("prompt_mode", rewards.TRAINING_MODES)]:
@@ -124,9 +125,11 @@ def load_data(cfg) -> tuple[str, list[dict], list[dict]]:
     """The data root, and its training and held-out samples for the config's files and filters."""
     root = tiny.dataset_root(cfg.data, cfg.cache_dir)
     question_types = cfg.question_types or ("" if cfg.data else tiny.QUESTION_TYPE)
-    train, held_out = data.load_splits(
-        root, [m for m in cfg.modalities.split(",") if m], [q for q in question_types.split(",") if q],
-        cfg.train_split, cfg.test_split, cfg.drop_test_images, cfg.skip_bad_records, log=print0)
+    modalities = [m for m in cfg.modalities.split(",") if m]
+    question_types = [q for q in question_types.split(",") if q]
+    train, held_out = data.load_splits(root, modalities, question_types, cfg.train_split,
+                                       cfg.test_split, cfg.drop_test_images, cfg.skip_bad_records,
+                                       log=print0)
     return root, train, held_out
 
 
@@ -166,7 +169,8 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     row_samples = [s for s in samples for _ in range(G)]
     names = cfg.rewards.split(",")
     reward_table = torch.tensor(rewards.score(texts, row_samples, names, cfg.prompt_mode))  # (N, R)
-    metrics = update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout, reward_table)
+    metrics = update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
+                            reward_table)
     # The sampled-letter histogram shows a letter dying out (then only the KL revives it).
     choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
     lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
@@ -185,7 +189,8 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     return metrics, example
 
 
-def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout, reward_table) -> dict:
+def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
+                  reward_table) -> dict:
     """Advantages, then num_iterations x minibatches clipped policy updates; returns metrics.
 
     Advantages are computed from every rank's rewards, so "batch" scaling and
@@ -208,12 +213,14 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
 
     def logprobs_of(model, group_rows):
         """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T)."""
-        return modellib.token_logprobs(model, data.select_rows(prompts, group_rows[::G] // G),
-                                       ids[group_rows], mask[group_rows], cfg.temperature, group_size=G)
+        group_prompts = data.select_rows(prompts, group_rows[::G] // G)
+        return modellib.token_logprobs(model, group_prompts, ids[group_rows], mask[group_rows],
+                                       cfg.temperature, group_size=G)
 
     ref_logprobs = None
     if reference is not None:
-        # Only the rows that train; a rank with none still runs the reference once (FSDP collectives).
+        # Only the rows that train; a rank with none still runs the reference once (FSDP's
+        # collectives must match on every rank).
         ref_rows = rows if len(rows) else torch.arange(G)
         ref_logprobs = torch.zeros_like(rollout.logprobs)  # (N, T)
         with torch.no_grad():
@@ -237,27 +244,30 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
             denominator = grpo.global_loss_count(chunk_mask, cfg.loss_type, cfg.max_new_tokens)
             logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
             old = logprobs.detach() if on_policy else rollout.logprobs[chunk]
+            ref = None if ref_logprobs is None else ref_logprobs[chunk]
             loss, chunk_metrics = grpo.policy_loss(
-                logprobs, old, None if ref_logprobs is None else ref_logprobs[chunk], advantages[chunk],
-                chunk_mask, beta=cfg.beta, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                loss_type=cfg.loss_type, max_completion_length=cfg.max_new_tokens, denominator=denominator)
+                logprobs, old, ref, advantages[chunk], chunk_mask, beta=cfg.beta,
+                eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
+                max_completion_length=cfg.max_new_tokens, denominator=denominator)
             chunk_metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
             chunk_metrics["loss"] = loss.item()
             metrics.append(chunk_metrics)
     # Over the minibatch updates: extremes stay extremes, the rest are averaged.
     reduce = {"ratio_min": min, "ratio_max": max, "kl_max": max}
-    averaged = {k: reduce.get(k, lambda v: sum(v) / len(v))([m[k] for m in metrics]) for k in metrics[0]}
-    return {**averaged, "zero_std_groups": zero_std.float().mean().item(), "trained_rows": len(rows) / N,
+    averaged = {k: reduce.get(k, statistics.fmean)([m[k] for m in metrics]) for k in metrics[0]}
+    return {**averaged, "zero_std_groups": zero_std.float().mean().item(),
+            "trained_rows": len(rows) / N,
             "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
 
 
-def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple[dict, None]:
+def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple:
     """One step of the supervised baseline: the gold answer tag is the whole target."""
     device = common.collective_device()
     prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size or None).to(device)
     targets = [f"<answer>{s['answer']}</answer>" for s in samples]
     loss = modellib.sft_loss(policy, processor.tokenizer, prompts, targets)
-    return {"loss": loss.item(), "grad_norm": optimizer_step(cfg, policy, optimizer, schedule, loss)}, None
+    grad_norm = optimizer_step(cfg, policy, optimizer, schedule, loss)
+    return {"loss": loss.item(), "grad_norm": grad_norm}, None
 
 
 def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
@@ -287,15 +297,15 @@ def main():
     root, train_samples, held_out = load_data(cfg)
     path = tiny.model_path(cfg.model, cfg.cache_dir, root)
     out = Path(cfg.output_dir)
-    resume_from = resume_folder(cfg, out)
+    resume_from = checkpoint.resume_folder(cfg.resume, out)
     processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
     tokens = modellib.visual_tokens(processor, cfg.image_size or None)
     print0(f"{tokens} visual tokens per image")
     if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:  # one token covers 28 x 28 pixels
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
                          "--max_pixels allows")
-    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode, tokens,
-                              cfg.max_prompt_tokens)
+    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode,
+                              tokens, cfg.max_prompt_tokens)
     random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
     held_out = held_out[:cfg.eval_size or None]
     print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
@@ -305,8 +315,8 @@ def main():
 
     # ---- model, reference (always the base, also on resume), optimizer, schedule
     policy, reference = load_models(cfg, path, device, policy_path=resume_from)
-    decoding = modellib.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens, cfg.temperature,
-                                     cfg.top_p, cfg.top_k)
+    decoding = modellib.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens,
+                                     cfg.temperature, cfg.top_p, cfg.top_k)
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -316,28 +326,31 @@ def main():
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
     order, start_step, base_accuracy, skipped_in_a_row = [], 0, None, 0
     if resume_from:
-        state = modellib.load_trainer_state(policy, optimizer, resume_from)
+        state = checkpoint.load_trainer_state(policy, optimizer, resume_from)
         schedule.load_state_dict(state["schedule"])
         order_rng.set_state(state["order_rng"])
         sampling_rng.set_state(state["sampling_rng"])
-        order, start_step, base_accuracy = state["order"].tolist(), state["step"], state["base_accuracy"]
+        order, start_step = state["order"].tolist(), state["step"]
+        base_accuracy = state["base_accuracy"]
         print0(f"resumed from {resume_from} at step {start_step}" + (
             "" if state["world"] == world else
             f" (saved on {state['world']} ranks, now {world}: correct, but not bit-exact)"))
-    # Saved with every checkpoint: the config, and what it trained on (eval.py counts test questions seen).
+    # Saved with every checkpoint: the config, and what it trained on (eval.py counts the test
+    # questions it saw).
     described = {"train_config.json": dataclasses.asdict(cfg),
                  "training_data.json": data.training_record(train_samples, root)}
-    log, recent = common.Log(out), []
+    log = common.Log(out, cfg.rewards.split(","))
 
     def save(step: int, folder: Path) -> None:
-        state = {"step": step, "schedule": schedule.state_dict(),
+        state = {"step": step, "schedule": schedule.state_dict(), "world": world,
                  "order": torch.tensor(order, dtype=torch.long), "order_rng": order_rng.get_state(),
-                 "sampling_rng": sampling_rng.get_state(), "base_accuracy": base_accuracy, "world": world}
-        modellib.save_checkpoint(policy, processor, folder, described, optimizer, state)
+                 "sampling_rng": sampling_rng.get_state(), "base_accuracy": base_accuracy}
+        checkpoint.save(policy, processor, folder, described, optimizer, state)
 
     def held_out_accuracy(step: int) -> float:
         results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
-                                      max_new_tokens=cfg.max_new_tokens, image_size=cfg.image_size or None)
+                                      max_new_tokens=cfg.max_new_tokens,
+                                      image_size=cfg.image_size or None)
         summary = evaluation.summarize(results)
         print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} ({summary['questions']} "
                f"questions, parse failures {summary['parse_failures']:.3f})")
@@ -346,8 +359,8 @@ def main():
     if base_accuracy is None:
         base_accuracy = held_out_accuracy(0)
     B = cfg.prompts_per_step // world
-    progress = tqdm(range(start_step + 1, cfg.steps + 1), disable=dist.get_rank() != 0, desc=cfg.algo,
-                    initial=start_step, total=cfg.steps)
+    progress = tqdm(range(start_step + 1, cfg.steps + 1), disable=dist.get_rank() != 0,
+                    desc=cfg.algo, initial=start_step, total=cfg.steps)
     for step in progress:
         start = time.time()
         # ---- this rank's slice of the step's prompts
@@ -361,118 +374,53 @@ def main():
         if cfg.algo == "sft":
             metrics, example = sft_iteration(cfg, policy, optimizer, schedule, processor, samples)
         else:
-            metrics, example = grpo_iteration(cfg, policy, reference, optimizer, schedule, processor,
-                                              samples, decoding, sampling_rng)
+            metrics, example = grpo_iteration(cfg, policy, reference, optimizer, schedule,
+                                              processor, samples, decoding, sampling_rng)
             if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
                 modellib.sync_reference(policy, reference, cfg.ref_sync_alpha)
 
         # ---- log
         logged = log_step(cfg, step, metrics, time.time() - start, schedule.get_last_lr()[0])
-        log.write("metrics", logged)
+        log.step(logged)
         if example and cfg.rollouts_every and step % cfg.rollouts_every == 0:
             log.write("rollouts", {"step": step, **example})
         progress.set_postfix(loss=f"{logged['loss']:.3f}")
-        print0(summary_line(logged, cfg.rewards.split(",")))
-        recent = (recent + [logged])[-10:]
-        if step % 10 == 0:
-            warn_if_stuck(recent)
         skipped_in_a_row = 0 if math.isfinite(logged["grad_norm"]) else skipped_in_a_row + 1
         if skipped_in_a_row:
-            print0(f"step {step}: non-finite loss or gradient, update skipped ({skipped_in_a_row} in a row)")
+            print0(f"step {step}: non-finite loss or gradient, update skipped "
+                   f"({skipped_in_a_row} in a row)")
         if skipped_in_a_row >= cfg.max_skipped_steps:
-            raise SystemExit(f"{skipped_in_a_row} non-finite updates in a row at step {step}: lower --lr, "
-                             "or look at the last lines of metrics.jsonl and rollouts.jsonl")
+            raise SystemExit(f"{skipped_in_a_row} non-finite updates in a row at step {step}: "
+                             "lower --lr, or read the end of metrics.jsonl and rollouts.jsonl")
 
         # ---- evaluate, save
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             held_out_accuracy(step)
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
             save(step, out / f"step-{step}")
-            prune_checkpoints(out, cfg.keep_checkpoints)
+            checkpoint.prune(out, cfg.keep_checkpoints)
 
     final_accuracy = held_out_accuracy(cfg.steps)
-    modellib.save_checkpoint(policy, processor, out / "final", described)
+    checkpoint.save(policy, processor, out / "final", described)
     print0(f"held-out accuracy: base {base_accuracy:.3f} -> final {final_accuracy:.3f} "
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
-    plot_curves(out)
+    log.plot()
     common.finish_distributed()
 
 
 def log_step(cfg, step: int, metrics: dict, step_s: float, lr: float) -> dict:
     """The step's metrics over all ranks (means; extremes by min and max), with timings and lr."""
-    extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max", "completion_len_max": "max"}
-    logged = {"step": step, **common.reduce_over_ranks(metrics, extremes), "lr": lr, "step_s": step_s}
+    extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max",
+                "completion_len_max": "max"}
+    logged = {"step": step, **common.reduce_over_ranks(metrics, extremes), "lr": lr,
+              "step_s": step_s}
     if "rollout_s" in logged:
         logged["update_s"] = step_s - logged["rollout_s"]
         # Sampled completion tokens per second of rollout, all ranks.
         completions = cfg.prompts_per_step * cfg.num_generations
-        logged["tokens_per_s"] = logged["completion_len"] * completions / max(logged["rollout_s"], 1e-9)
+        tokens = logged["completion_len"] * completions
+        logged["tokens_per_s"] = tokens / max(logged["rollout_s"], 1e-9)
     return logged
-
-
-def summary_line(m: dict, reward_names: list[str]) -> str:
-    """The one-line summary of a step printed under the progress bar."""
-    if "reward" not in m:
-        return f"step {m['step']} loss {m['loss']:.4f} {m['step_s']:.2f}s"
-    each = " ".join(f"{name} {m[f'reward_{name}']:.2f}" for name in reward_names)
-    letters = " ".join(f"{L}:{m[f'letter_{L}']:.2f}" for L in data.LETTERS)
-    return (f"step {m['step']} reward {m['reward']:.3f} {each} kl {m['kl']:.4f} "
-            f"len {m['completion_len']:.1f} zero-std {m['zero_std_groups']:.2f} letters {letters} "
-            f"{m['step_s']:.2f}s")
-
-
-def warn_if_stuck(recent: list[dict]) -> None:
-    """Warn about the two signatures of a run that learns nothing, over the last few steps."""
-    if "truncated" not in recent[-1]:
-        return
-    truncated = sum(m["truncated"] for m in recent) / len(recent)
-    zero_std = sum(m["zero_std_groups"] for m in recent) / len(recent)
-    if truncated > 0.5:
-        print0(f"warning: {truncated:.0%} of completions hit --max_new_tokens: raise it, or see "
-               "rollouts.jsonl")
-    if zero_std > 0.9:
-        print0(f"warning: {zero_std:.0%} of groups have equal rewards, so no policy gradient (fine only "
-               "if the reward is at its maximum): raise --num_generations or --temperature, or see "
-               "rollouts.jsonl")
-
-
-def plot_curves(out: Path) -> None:
-    """curves.png on rank 0: reward, accuracy, completion length and loss per step (needs matplotlib)."""
-    plt = common.pyplot("curves.png") if dist.get_rank() == 0 else None
-    if plt is None:
-        return
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    names = [n for n in ("reward", "reward_accuracy", "completion_len", "loss") if n in logged[-1]]
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3))
-    for ax, name in zip(list(axes) if len(names) > 1 else [axes], names):
-        ax.plot([m["step"] for m in logged if name in m], [m[name] for m in logged if name in m])
-        ax.set_title(name)
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-
-
-def step_checkpoints(out: Path) -> list[Path]:
-    """The complete step-N checkpoints in out, oldest first (a .tmp folder is an unfinished save)."""
-    return sorted((p for p in out.glob("step-*") if p.name.removeprefix("step-").isdigit()),
-                  key=lambda p: int(p.name.removeprefix("step-")))
-
-
-def prune_checkpoints(out: Path, keep: int) -> None:
-    """On rank 0, delete all but the newest keep step-N checkpoints."""
-    if dist.get_rank() == 0:
-        for old in step_checkpoints(out)[:-keep or None]:
-            shutil.rmtree(old)
-
-
-def resume_folder(cfg, out: Path) -> str | None:
-    """The checkpoint to resume from: --resume PATH, or with auto the newest step-N (None: fresh)."""
-    if cfg.resume == "auto":
-        found = step_checkpoints(out)
-        return str(found[-1]) if found else None
-    if cfg.resume and not (Path(cfg.resume) / "trainer_state.pt").exists():
-        raise SystemExit(f"--resume {cfg.resume}: no trainer_state.pt there; pass a step-N folder or auto")
-    return cfg.resume or None
 
 
 if __name__ == "__main__":

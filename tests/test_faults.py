@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import model as modellib
 import rewards
@@ -50,7 +51,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tiny, t
                                                                           monkeypatch):
     model, processor = tiny
     modellib.shard(model, bf16=False)
-    modellib.save_checkpoint(model, processor, tmp_path / "final", {"train_config.json": {"version": 1}})
+    checkpoint.save(model, processor, tmp_path / "final", {"train_config.json": {"version": 1}})
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -60,7 +61,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tiny, t
 
     monkeypatch.setattr(modellib.Processor, "save_pretrained", die)
     with pytest.raises(OSError, match="disk full"):
-        modellib.save_checkpoint(model, processor, tmp_path / "final", {"train_config.json": {"version": 2}})
+        checkpoint.save(model, processor, tmp_path / "final", {"train_config.json": {"version": 2}})
     assert json.loads((tmp_path / "final" / "train_config.json").read_text()) == {"version": 1}
     reloaded = modellib.load_model(tmp_path / "final")
     before = load_file(tmp_path / "final" / "model.safetensors")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+import checkpoint
 import data
 import model as modellib
 from tiny import CHAT_TEMPLATE, tiny_config
@@ -255,7 +256,7 @@ def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_sampl
     with torch.no_grad():
         expected = model(**vars(batch)).logits
     modellib.shard(model, bf16=False)
-    modellib.save_checkpoint(model, processor, tmp_path / "ckpt", {"train_config.json": {"lr": 1.0}})
+    checkpoint.save(model, processor, tmp_path / "ckpt", {"train_config.json": {"lr": 1.0}})
     reloaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     assert reloaded.generation_config.use_cache
     assert json.loads((tmp_path / "ckpt" / "train_config.json").read_text()) == {"lr": 1.0}
