@@ -129,7 +129,8 @@ def trl(cfg: BenchConfig) -> dict:
     dataset = Dataset.from_list([{
         "prompt": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": data.build_prompt(s, "think-after")}]}],
-        "image": data.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)} for s in samples])
+        "image": data.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)}
+        for s in samples])
 
     def reward(name):
         def score(prompts, completions, sample, **kwargs):
@@ -156,7 +157,8 @@ def trl(cfg: BenchConfig) -> dict:
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
     trainer = GRPOTrainer(model=modellib.load_model(path),
                           reward_funcs=[reward("format"), reward("accuracy")], args=args,
-                          train_dataset=dataset, processing_class=processor, callbacks=[StepTimer()])
+                          train_dataset=dataset, processing_class=processor,
+                          callbacks=[StepTimer()])
     trainer.train()
     return {"step_s": statistics.median(times[cfg.warmup:])}
 
@@ -187,7 +189,7 @@ def main():
         print("RESULT " + json.dumps(result))
         return
     completions = cfg.prompts * cfg.generations
-    print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} completion tokens, "
+    print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} tokens each, "
           f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, "
           f"median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
     rows = {"ours": child(cfg, "ours")}

@@ -73,5 +73,6 @@ def resume_folder(resume: str, out: Path) -> str | None:
         found = step_checkpoints(out)
         return str(found[-1]) if found else None
     if resume and not (Path(resume) / "trainer_state.pt").exists():
-        raise SystemExit(f"--resume {resume}: no trainer_state.pt there; pass a step-N folder or auto")
+        raise SystemExit(f"--resume {resume}: no trainer_state.pt there; pass a step-N folder "
+                         "or auto")
     return resume or None

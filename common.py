@@ -33,7 +33,8 @@ def parse_args(config_class, argv=None):
     parser = argparse.ArgumentParser(description=config_class.__doc__, allow_abbrev=False)
     for field, hint in typing.get_type_hints(config_class).items():
         default = getattr(config_class, field)
-        help_text = comments.get(field, "").replace("%", "%%")  # argparse formats help with %
+        # argparse formats help text with %.
+        help_text = comments.get(field, "").replace("%", "%%")
         parser.add_argument(f"--{field}", type=boolean if hint is bool else hint, default=default,
                             metavar=hint.__name__, help=f"{help_text} (default: {default!r})")
     return config_class(**vars(parser.parse_args(argv)))
@@ -50,10 +51,12 @@ def boolean(text: str) -> bool:
 
 def setup_distributed() -> torch.device:
     """One process group for python and torchrun alike: NCCL on CUDA, gloo on CPU."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the hub
+    # Everything is local: never reach for the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before NCCL starts
+        # Before NCCL starts.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:

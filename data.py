@@ -389,9 +389,11 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
     texts = [chat_text(processor.tokenizer, s, mode) for s in samples]
     images = []
     for s in samples:
+        # Decoding can still fail here, e.g. on a JPEG truncated after a valid header (which
+        # check_images, reading only the header, lets through).
         try:
             images.append(load_image(s["image"], image_size))
-        except Exception as error:  # e.g. a JPEG truncated after a valid header
+        except Exception as error:
             raise DataError(f"record {s['id']!r}: image {s['image']} cannot be decoded: "
                             f"{error}") from error
     return PromptBatch(**processor(texts, images))

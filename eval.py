@@ -253,7 +253,8 @@ def main():
         for column, samples in [*sets.items(), (POOLED, [s for v in sets.values() for s in v])]}}
     for checkpoint in map(Path, cfg.checkpoints.split(",")):
         name = row_name(checkpoint)
-        while name in rows:  # two checkpoints trained on the same thing keep a row each
+        # Two checkpoints trained on the same thing keep a row each.
+        while name in rows:
             name += "'"
         rows[name] = evaluate_checkpoint(cfg, checkpoint, sets, root, device)
     if dist.get_rank() == 0:

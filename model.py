@@ -439,7 +439,9 @@ def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) ->
 @torch.no_grad()
 def sync_reference(policy, reference, alpha: float) -> None:
     """ref = alpha * policy + (1 - alpha) * ref, shard by shard (both are sharded alike)."""
-    policy.reshard()  # the root may still hold its last forward's full parameters
+    # The root may still hold its last forward's full parameters.
+    policy.reshard()
     reference.reshard()
     for ref_param, param in zip(reference.parameters(), policy.parameters()):
-        ref_param.lerp_(param.to(ref_param.dtype), alpha)  # the reference may be stored in bf16
+        # The reference may be stored in bf16.
+        ref_param.lerp_(param.to(ref_param.dtype), alpha)

@@ -208,7 +208,8 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         mask = mask * ~rollout.truncated.unsqueeze(1)  # (N, T), truncated rows get no loss
     rows = torch.arange(N)
     if cfg.filter_zero_std:
-        rows = rows[~zero_std.repeat_interleave(G)]  # only groups with a reward spread train
+        # Only groups with a reward spread train.
+        rows = rows[~zero_std.repeat_interleave(G)]
     ids, device = rollout.completion_ids, rollout.completion_ids.device
 
     def logprobs_of(model, group_rows):
@@ -301,12 +302,14 @@ def main():
     processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
     tokens = modellib.visual_tokens(processor, cfg.image_size or None)
     print0(f"{tokens} visual tokens per image")
-    if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:  # one token covers 28 x 28 pixels
+    # One visual token covers 28 x 28 pixels.
+    if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
                          "--max_pixels allows")
     data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode,
                               tokens, cfg.max_prompt_tokens)
-    random.Random(cfg.seed).shuffle(held_out)  # a subset of it keeps the letter balance
+    # Shuffled, so that a subset of it keeps the letter balance.
+    random.Random(cfg.seed).shuffle(held_out)
     held_out = held_out[:cfg.eval_size or None]
     print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
     if cfg.epochs:
