@@ -289,7 +289,7 @@ def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
 def main():
     cfg = common.parse_args(Config)
     device = common.setup_distributed()
-    world = dist.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
     resolve(cfg, world)
     print0("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -362,15 +362,14 @@ def main():
     if base_accuracy is None:
         base_accuracy = held_out_accuracy(0)
     B = cfg.prompts_per_step // world
-    progress = tqdm(range(start_step + 1, cfg.steps + 1), disable=dist.get_rank() != 0,
-                    desc=cfg.algo, initial=start_step, total=cfg.steps)
+    progress = tqdm(range(start_step + 1, cfg.steps + 1), disable=rank != 0, desc=cfg.algo,
+                    initial=start_step, total=cfg.steps)
     for step in progress:
         start = time.time()
         # ---- this rank's slice of the step's prompts
         while len(order) < cfg.prompts_per_step:
             order += torch.randperm(len(train_samples), generator=order_rng).tolist()
         step_indices, order = order[:cfg.prompts_per_step], order[cfg.prompts_per_step:]
-        rank = dist.get_rank()
         samples = [train_samples[i] for i in step_indices[rank * B:(rank + 1) * B]]
 
         # ---- one iteration: rollout, rewards, update (or the supervised baseline's step)

@@ -213,6 +213,26 @@ def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(ti
     torch.testing.assert_close(rollout.logprobs[:, 0], probs.log()[drawn], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("uniform, banned, top_k, token", [
+    (0.05, [], 0, 0), (0.25, [], 0, 1), (0.59, [], 0, 2), (0.95, [], 0, 3),
+    # Token 3 banned: the rest renormalised to 1/6, 2/6, 3/6, so u = 0.95 draws token 2.
+    (0.95, [3], 0, 2), (0.10, [3], 0, 0),
+    # Top-2 keeps tokens 2 and 3 (3/7, 4/7): u = 0.05 draws token 2.
+    (0.05, [], 2, 2), (0.50, [], 2, 3),
+    # Greedy: the most likely token that is allowed.
+    (None, [], 0, 3), (None, [3], 0, 2),
+])
+def test_draw_token_by_inverse_cdf_with_the_full_distributions_logprob(uniform, banned, top_k, token):
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    u = None if uniform is None else torch.tensor([uniform])
+    drawn, logprob, entropy = modellib.draw_token(probs.log(), u, 1.0, 1.0, top_k,
+                                                  torch.tensor(banned, dtype=torch.long))
+    assert drawn.tolist() == [token]
+    # By hand: the log-prob and entropy of the whole distribution, whatever was filtered.
+    assert logprob.item() == pytest.approx(torch.log(probs[0, token]).item(), abs=1e-6)
+    assert entropy.item() == pytest.approx(-(probs * probs.log()).sum().item(), abs=1e-6)
+
+
 def test_top_k_filter_keeps_the_k_largest_logits():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, 5.0, 1.0]])
     assert modellib.top_k_filter(logits, 2).isfinite().tolist() == [[True, False, True, False],
