@@ -6,6 +6,7 @@ step-N checkpoints, trainer_state.pt: the optimizer and the loop's state.
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -67,12 +68,74 @@ def prune(out: Path, keep: int) -> None:
             shutil.rmtree(old)
 
 
+def incomplete(folder: Path) -> str:
+    """What makes a step-N folder unusable for a resume ("" if nothing): a missing file, or a
+    weights or state file cut short (by a full disk, or a copy that stopped)."""
+    weights = sorted(folder.glob("*.safetensors"))
+    for needed in ("config.json", "trainer_state.pt"):
+        if not (folder / needed).is_file():
+            return f"no {needed}"
+    if not weights:
+        return "no *.safetensors"
+    if not zipfile.is_zipfile(folder / "trainer_state.pt"):
+        return "trainer_state.pt is cut short"
+    for path in weights:
+        # A safetensors file is an 8-byte header length, a JSON header, then the tensors'
+        # bytes up to the largest end offset the header names.
+        with open(path, "rb") as f:
+            try:
+                length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(length))
+            except (ValueError, UnicodeDecodeError):
+                return f"{path.name} has no readable header"
+        tensors = [t for name, t in header.items() if name != "__metadata__"]
+        end = max((t["data_offsets"][1] for t in tensors), default=0)
+        if path.stat().st_size < 8 + length + end:
+            return f"{path.name} is cut short"
+    return ""
+
+
 def resume_folder(resume: str, out: Path) -> str | None:
-    """The checkpoint to resume from: --resume PATH, or with auto the newest step-N (or None)."""
+    """The checkpoint to resume from: --resume PATH, or with auto the newest complete step-N
+    (None if there is none); an incomplete one is passed over, and said so."""
     if resume == "auto":
-        found = step_checkpoints(out)
-        return str(found[-1]) if found else None
-    if resume and not (Path(resume) / "trainer_state.pt").exists():
-        raise SystemExit(f"--resume {resume}: no trainer_state.pt there; pass a step-N folder "
-                         "or auto")
+        for folder in reversed(step_checkpoints(out)):
+            if not (problem := incomplete(folder)):
+                return str(folder)
+            if dist.get_rank() == 0:
+                print(f"not resuming from {folder}: {problem}; trying the one before")
+        return None
+    if resume and (problem := incomplete(Path(resume))):
+        raise SystemExit(f"--resume {resume}: {problem}; pass a complete step-N folder or auto")
     return resume or None
+
+
+# What a run writes into its output folder (besides its step-N checkpoints).
+RUN_FILES = ("metrics.jsonl", "rollouts.jsonl", "final", "tensorboard", "curves.png")
+
+
+def claim(out: Path, resume: str, overwrite: bool) -> None:
+    """Make out this run's folder: refuse one that holds another run unless it is resumed or
+    overwritten (then, on rank 0, that run's files are removed). Collective."""
+    paths = [*(out / name for name in RUN_FILES), *out.glob("step-*")]
+    held = [p.name for p in paths if p.exists()]
+    if held and not resume and not overwrite:
+        raise SystemExit(f"--output_dir {out} holds a run ({', '.join(sorted(held)[:4])}): pass "
+                         "--resume auto to go on with it, --overwrite true to replace it, or "
+                         "another --output_dir")
+    if overwrite and not resume and dist.get_rank() == 0:
+        for path in (out / name for name in held):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    dist.barrier()
+
+
+def truncate_logs(out: Path, step: int) -> None:
+    """On rank 0, drop the log lines of steps after step: a resumed run writes them again."""
+    for name in ("metrics.jsonl", "rollouts.jsonl"):
+        path = out / name
+        if dist.get_rank() == 0 and path.exists():
+            lines = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))

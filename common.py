@@ -40,6 +40,31 @@ def parse_args(config_class, argv=None):
     return config_class(**vars(parser.parse_args(argv)))
 
 
+# Allowed values of a flag: a test and how to say it.
+AT_LEAST_0 = (lambda v: v >= 0, "at least 0")
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+ABOVE_0 = (lambda v: v > 0, "above 0")
+
+
+def one_of(*choices) -> tuple:
+    return (lambda v: v in choices, f"one of {list(choices)}")
+
+
+def names_in(known) -> tuple:
+    """A comma-separated list of distinct names from known (empty is fine)."""
+    def test(text):
+        names = [n for n in text.split(",") if n]
+        return set(names) <= set(known) and len(set(names)) == len(names)
+    return (test, f"distinct comma-separated names from {list(known)}, no spaces")
+
+
+def check_flags(cfg, limits: dict) -> None:
+    """Stop with a message naming the flag whose value breaks its rule (limits: field -> rule)."""
+    for name, (test, allowed) in limits.items():
+        if not test(getattr(cfg, name)):
+            raise SystemExit(f"--{name} {getattr(cfg, name)!r}: must be {allowed}")
+
+
 def boolean(text: str) -> bool:
     """true/false, yes/no, 1/0; anything else is an error, never a silent false."""
     if text.lower() in ("1", "true", "yes"):

@@ -64,6 +64,49 @@ class DataError(ValueError):
     """A record or file that cannot be used; the message names it."""
 
 
+def read_records(path: Path) -> list[dict]:
+    """A JSON file's list of records (UTF-8, a byte-order mark allowed); DataError otherwise."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 (byte {error.start}): save it as UTF-8") from error
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno} column "
+                        f"{error.colno})") from error
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: must hold a JSON list of records ({{...}} objects), not "
+                        f"{type(records).__name__}")
+    return records
+
+
+# Qwen's special tokens look like <|im_end|>: written in a question, the tokenizer would read
+# them as control tokens (ending the turn, or adding an image placeholder with no image).
+SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]+\|>")
+
+
+def check_text(where: str, fields: dict) -> None:
+    """Every value must be a string with no special token in it; DataError naming the field."""
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {name} must be a string, not {type(value).__name__} "
+                            f"{value!r}")
+        if token := SPECIAL_TOKEN.search(value):
+            raise DataError(f"{where}: {name} holds the special token {token.group(0)!r}, which "
+                            "the tokenizer would read as a control token: remove it")
+
+
+def inside(root, relative, where: str, field: str) -> str:
+    """root / relative, resolved, if it stays inside root; DataError otherwise."""
+    path = (Path(root) / relative).resolve()
+    if not path.is_relative_to(Path(root).resolve()):
+        raise DataError(f"{where}: {field} {relative!r} leaves the dataset root {root}")
+    return str(path)
+
+
 def record_to_sample(record: dict, source: str, root: Path) -> dict:
     """One OmniMedVQA record -> one sample; raises DataError naming the file and record."""
     where = f"{source}, record {record.get('question_id', '?')!r}"
@@ -71,22 +114,24 @@ def record_to_sample(record: dict, source: str, root: Path) -> dict:
     missing = [k for k in fields if k not in record]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing}")
-    options = {L: str(record[f"option_{L}"]) for L in LETTERS
+    beyond = [k for k, v in record.items() if k.startswith("option_")
+              and k.removeprefix("option_") not in LETTERS and v not in (None, "")]
+    if beyond:
+        raise DataError(f"{where}: {beyond} beyond option_D: only options A to D are supported")
+    options = {L: record[f"option_{L}"] for L in LETTERS
                if record.get(f"option_{L}") not in (None, "")}
+    check_text(where, {k: record[k] for k in (*fields[1:], "question_type") if k in record} |
+               {f"option_{L}": text for L, text in options.items()})
     if len(options) < 2:
         raise DataError(f"{where}: needs at least 2 options, has {len(options)}")
-    answers = [L for L, text in options.items() if text.strip() == str(record["gt_answer"]).strip()]
+    answers = [L for L, text in options.items() if text.strip() == record["gt_answer"].strip()]
     if len(answers) != 1:
         raise DataError(f"{where}: gt_answer {record['gt_answer']!r} matches {len(answers)} "
                         "options, not 1")
-    image = (root / record["image_path"]).resolve()
-    if not image.is_relative_to(root.resolve()):
-        raise DataError(f"{where}: image_path {record['image_path']!r} leaves the dataset root "
-                        f"{root}")
     return {
         "id": str(record["question_id"]),
-        "image": str(image),
-        "question": str(record["question"]),
+        "image": inside(root, record["image_path"], where, "image_path"),
+        "question": record["question"],
         "options": options,
         "answer": answers[0],
         "modality": MODALITY_BY_TYPE.get(record["modality_type"], record["modality_type"]),
@@ -107,7 +152,7 @@ def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | N
         raise DataError(f"no QA_information/Open-access/*.json under {root}")
     samples = []
     for path in files:
-        for record in json.loads(path.read_text()):
+        for record in read_records(path):
             try:
                 samples.append(record_to_sample(record, str(path), root))
             except DataError as error:
@@ -161,11 +206,12 @@ def load_medr1_split(path, image_root=None) -> list[dict]:
         raise DataError(f"{path}: the name does not start with a modality type "
                         f"{list(MODALITY_BY_TYPE)} or a question type {QUESTION_TYPES}")
     samples = []
-    for index, record in enumerate(json.loads(path.read_text())):
+    for index, record in enumerate(read_records(path)):
         where = f"{path}, record {index}"
         missing = [k for k in ("image", "problem", "solution") if k not in record]
         if missing:
             raise DataError(f"{where}: missing field(s) {missing}")
+        check_text(where, {k: record[k] for k in ("image", "problem", "solution")})
         question, options = parse_problem(record["problem"], where)
         solution = MEDR1_SOLUTION.fullmatch(record["solution"].strip())
         if not solution or solution.group(1) not in options:
@@ -173,7 +219,7 @@ def load_medr1_split(path, image_root=None) -> list[dict]:
                             f"{list(options)}")
         samples.append({
             "id": f"{path.stem}#{index}",
-            "image": str((Path(image_root) / record["image"]).resolve()) if image_root else
+            "image": inside(image_root, record["image"], where, "image") if image_root else
             record["image"],
             "question": question,
             "options": options,
@@ -315,8 +361,12 @@ def load_image(path: str, size: int | None = None) -> Image.Image:
     with Image.open(path) as image:
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
             pixels = np.asarray(image, dtype=np.float64)
-            low, high = pixels.min(), pixels.max()
-            image = Image.fromarray(np.uint8(255 * (pixels - low) / max(high - low, 1e-12)))
+            # Scaled by the finite pixels' range; NaN and infinite pixels become black.
+            finite = pixels[np.isfinite(pixels)]
+            low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+            scaled = np.nan_to_num((pixels - low) / max(high - low, 1e-12), nan=0.0, posinf=1.0,
+                                   neginf=0.0)
+            image = Image.fromarray(np.uint8(255 * scaled.clip(0, 1)))
         image = image.convert("RGB")
     return image.resize((size, size), Image.BICUBIC) if size else image
 
@@ -329,6 +379,10 @@ def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
         if sample["image"] in bad:
             continue
         try:
+            # A FIFO or device would hang the open; a folder is no image either.
+            if not Path(sample["image"]).is_file():
+                raise OSError("not a regular file" if Path(sample["image"]).exists() else
+                              "[Errno 2] No such file or directory")
             with Image.open(sample["image"]) as image:
                 # The file's structure (PNG checksums), without decoding pixels.
                 image.verify()

@@ -154,6 +154,26 @@ class EvalConfig:
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
 
 
+LIMITS = {
+    "modalities": common.names_in(data.MODALITIES),
+    "question_types": common.names_in(data.QUESTION_TYPES),
+    "columns": common.one_of("modality", "question_type"),
+    "prompt_mode": common.one_of("", *rewards.MODES), "image_size": common.AT_LEAST_0,
+    "max_pixels": common.AT_LEAST_0, "batch_size": common.AT_LEAST_1,
+    "max_new_tokens": common.AT_LEAST_1, "max_samples": common.AT_LEAST_0,
+}
+
+
+def resolve(cfg: EvalConfig) -> EvalConfig:
+    """Every flag checked up front, and every checkpoint found, before any model is evaluated."""
+    common.check_flags(cfg, LIMITS)
+    for checkpoint in cfg.checkpoints.split(","):
+        if not (Path(checkpoint) / "config.json").exists():
+            raise SystemExit(f"--checkpoints: {checkpoint!r} is not a model folder "
+                             "(no config.json)")
+    return cfg
+
+
 def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
     """Column -> samples: one per split file, or the held-out side by modality or question type."""
     sets = {}
@@ -162,6 +182,9 @@ def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
         for path in cfg.split_files.split(","):
             samples = data.load_medr1_split(path, image_root=root)
             column = samples[0]["modality"] or samples[0]["question_type"]
+            if column in sets:
+                raise data.DataError(f"{path} is a second test file for column {column!r}: pass "
+                                     "one file per modality or question type")
             sets[column] = data.check_images(samples, errors)
         if errors:
             print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
@@ -241,7 +264,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str
 
 
 def main():
-    cfg = common.parse_args(EvalConfig)
+    cfg = resolve(common.parse_args(EvalConfig))
     device = common.setup_distributed()
     root = tiny.dataset_root(cfg.data, cfg.cache_dir)
     sets = test_sets(cfg, root)

@@ -143,16 +143,18 @@ def policy_loss(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     mask = mask.bool()
-    ratio = torch.exp(logprobs - old_logprobs)  # (N, T)
+    # Padding may hold any value, even inf: it is zeroed before exp, so neither the loss nor
+    # the gradient (0 * inf would be NaN) ever sees it.
+    logprobs = torch.where(mask, logprobs, 0)  # (N, T)
+    ratio = torch.exp(logprobs - torch.where(mask, old_logprobs, 0))  # (N, T)
     adv = advantages.unsqueeze(1)  # (N, 1), broadcast over tokens
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)  # (N, T)
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)  # (N, T)
     per_token = -surrogate  # (N, T)
     kl = torch.zeros_like(per_token)
     if beta != 0:
-        kl = kl_k3(logprobs, ref_logprobs)  # (N, T)
+        kl = kl_k3(logprobs, torch.where(mask, ref_logprobs, 0))  # (N, T)
         per_token = per_token + beta * kl
-    # torch.where, not a product: padding may hold any value, even inf.
     per_sequence = torch.where(mask, per_token, 0).sum(dim=1)  # (N,)
     if loss_type == "grpo":
         per_sequence = per_sequence / mask.sum(dim=1).clamp(min=1)  # each sequence's own mean

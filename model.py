@@ -220,7 +220,8 @@ def draw_token(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: 
         # The first token whose cumulative probability exceeds u; tokens of
         # probability 0 (banned, filtered) can never be that token.
         target = (uniform * cdf[:, -1]).unsqueeze(1)  # (n, 1)
-        token = torch.searchsorted(cdf, target, right=True).squeeze(1)  # (n,)
+        # The clamp only matters for NaN logits, which sample() then reports.
+        token = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
     else:
         token = allowed.argmax(dim=-1)  # (n,)
     all_logprobs = scaled.log_softmax(dim=-1)  # (n, V)
@@ -294,6 +295,7 @@ def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding
         return full.index_copy(0, active, values)
 
     for t in range(decoding.max_new_tokens):
+        finite = logits.isfinite().all()  # NaN or inf weights, or an overflow, show here
         uniform = None
         if decoding.temperature > 0:
             first, total = rows or (0, N)
@@ -310,13 +312,17 @@ def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding
         finished = finished | torch.isin(step_token, end_ids)
         if stop is not None:
             finished = finished | stop(torch.stack(tokens, dim=1))
-        # The one host synchronization per token: how many active rows go on, and whether all
-        # ranks are done.
+        # The one host synchronization per token: how many active rows go on, whether all
+        # ranks are done, and whether the logits were finite.
         going_on = ~finished[active]  # (n,)
-        done = (~going_on).all().int()
+        # Every rank must be done, and every rank's logits finite (so all ranks stop together).
+        flags = torch.stack([(~going_on).all(), finite]).int()  # (2,)
         if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)
-        left, done = torch.stack([going_on.sum(), done]).tolist()
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        left, done, finite = torch.cat([going_on.sum().view(1), flags]).tolist()
+        if not finite:
+            raise FloatingPointError(f"the model's logits are NaN or infinite at completion token "
+                                     f"{t}: its weights hold NaN or inf, or the forward overflowed")
         if done or t == decoding.max_new_tokens - 1:
             break
         # Drop the ended rows once half have ended (never all: the forward must still run).

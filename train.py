@@ -11,6 +11,7 @@ advantages within each group -> one clipped, KL-regularised policy update
 Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion tokens.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -88,7 +89,8 @@ class Config:
     eval_size: int = 320  # held-out questions per evaluation (0 = all)
     save_every: int = 100  # save a resumable checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # keep the newest K step-N checkpoints (final is always kept)
-    resume: str = ""  # auto = the newest step-N in output_dir (if any); or a checkpoint folder
+    resume: str = ""  # auto = the newest complete step-N in output_dir (if any); or a folder
+    overwrite: bool = False  # replace the run already in output_dir (else: stop, or --resume)
     max_skipped_steps: int = 5  # non-finite updates are skipped; this many in a row stop the run
     rollouts_every: int = 10  # write one prompt's completions to rollouts.jsonl every N steps
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
@@ -96,8 +98,34 @@ class Config:
     seed: int = 0  # data order, sampling and the tiny model's build
 
 
+# Every flag's allowed values, checked in one place (resolve).
+LIMITS = {
+    "modalities": common.names_in(data.MODALITIES),
+    "question_types": common.names_in(data.QUESTION_TYPES),
+    "prompt_mode": common.one_of(*rewards.TRAINING_MODES), "algo": common.one_of("grpo", "sft"),
+    "num_generations": common.AT_LEAST_1, "prompts_per_step": common.AT_LEAST_1,
+    "beta": common.AT_LEAST_0, "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps_high": common.AT_LEAST_0, "loss_type": common.one_of(*grpo.LOSS_TYPES),
+    "scale_rewards": common.one_of("group", "batch", "none"), "num_iterations": common.AT_LEAST_1,
+    "minibatches": common.AT_LEAST_1, "ref_sync_every": common.AT_LEAST_0,
+    "ref_sync_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"), "temperature": common.ABOVE_0,
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": common.AT_LEAST_0,
+    "max_new_tokens": common.AT_LEAST_1, "steps": common.AT_LEAST_1, "epochs": common.AT_LEAST_0,
+    "lr": common.AT_LEAST_0, "weight_decay": common.AT_LEAST_0, "grad_clip": common.ABOVE_0,
+    "dtype": common.one_of("auto", "bf16", "fp32"), "image_size": common.AT_LEAST_0,
+    "max_pixels": common.AT_LEAST_0, "eval_every": common.AT_LEAST_0,
+    "eval_size": common.AT_LEAST_0,
+    "save_every": common.AT_LEAST_0, "keep_checkpoints": common.AT_LEAST_1,
+    "max_skipped_steps": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
+    "max_prompt_tokens": common.AT_LEAST_0,
+}
+
+
 def resolve(cfg: Config, world: int) -> Config:
-    """Fill the automatic values and check cross-field rules once, up front."""
+    """Check every flag's range and the cross-field rules once, up front; fill automatic values."""
+    common.check_flags(cfg, LIMITS | {"rewards": common.names_in(rewards.REWARDS)})
+    if not cfg.rewards:
+        raise SystemExit("--rewards: name at least one reward")
     if not cfg.lr:
         cfg.lr = 1e-6 if cfg.model else 5e-4
     if cfg.dtype == "auto":
@@ -105,16 +133,10 @@ def resolve(cfg: Config, world: int) -> Config:
     if cfg.prompts_per_step % world:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
                          f"{world} ranks")
-    unknown = set(cfg.rewards.split(",")) - set(rewards.REWARDS)
-    if unknown:
-        raise SystemExit(f"unknown rewards {sorted(unknown)}; known: {list(rewards.REWARDS)}")
     if cfg.num_generations < 2 and cfg.algo == "grpo":
         raise SystemExit("--num_generations must be at least 2: advantages are relative to a group")
-    for name, allowed in [("algo", ("grpo", "sft")), ("loss_type", grpo.LOSS_TYPES),
-                          ("scale_rewards", ("group", "batch", "none")),
-                          ("prompt_mode", rewards.TRAINING_MODES)]:
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"--{name} must be one of {list(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.ref_sync_every and not (cfg.beta > 0 and cfg.algo == "grpo"):
+        raise SystemExit("--ref_sync_every needs a reference: --beta above 0 and --algo grpo")
     if cfg.minibatches > cfg.prompts_per_step:
         raise SystemExit(f"--minibatches {cfg.minibatches} exceeds --prompts_per_step "
                          f"{cfg.prompts_per_step}")
@@ -299,6 +321,7 @@ def main():
     path = tiny.model_path(cfg.model, cfg.cache_dir, root)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resume_folder(cfg.resume, out)
+    checkpoint.claim(out, cfg.resume, cfg.overwrite)
     processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
     tokens = modellib.visual_tokens(processor, cfg.image_size or None)
     print0(f"{tokens} visual tokens per image")
@@ -342,6 +365,7 @@ def main():
     # questions it saw).
     described = {"train_config.json": dataclasses.asdict(cfg),
                  "training_data.json": data.training_record(train_samples, root)}
+    checkpoint.truncate_logs(out, start_step)
     log = common.Log(out, cfg.rewards.split(","))
 
     def save(step: int, folder: Path) -> None:
@@ -351,9 +375,10 @@ def main():
         checkpoint.save(policy, processor, folder, described, optimizer, state)
 
     def held_out_accuracy(step: int) -> float:
-        results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
-                                      max_new_tokens=cfg.max_new_tokens,
-                                      image_size=cfg.image_size or None)
+        with named_step(step):
+            results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
+                                          max_new_tokens=cfg.max_new_tokens,
+                                          image_size=cfg.image_size or None)
         summary = evaluation.summarize(results)
         print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} ({summary['questions']} "
                f"questions, parse failures {summary['parse_failures']:.3f})")
@@ -376,8 +401,9 @@ def main():
         if cfg.algo == "sft":
             metrics, example = sft_iteration(cfg, policy, optimizer, schedule, processor, samples)
         else:
-            metrics, example = grpo_iteration(cfg, policy, reference, optimizer, schedule,
-                                              processor, samples, decoding, sampling_rng)
+            with named_step(step):
+                metrics, example = grpo_iteration(cfg, policy, reference, optimizer, schedule,
+                                                  processor, samples, decoding, sampling_rng)
             if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
                 modellib.sync_reference(policy, reference, cfg.ref_sync_alpha)
 
@@ -408,6 +434,16 @@ def main():
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
     log.plot()
     common.finish_distributed()
+
+
+@contextlib.contextmanager
+def named_step(step: int):
+    """A sampler that met non-finite logits stops the run with a message naming the step."""
+    try:
+        yield
+    except FloatingPointError as error:
+        raise SystemExit(f"step {step}: {error}; lower --lr, or resume from an earlier "
+                         "checkpoint") from error
 
 
 def log_step(cfg, step: int, metrics: dict, step_s: float, lr: float) -> dict:

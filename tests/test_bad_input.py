@@ -102,3 +102,77 @@ def run_fail(args: list[str]) -> str:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     return done.stdout + done.stderr
+
+
+# What a file holds instead of a list of OmniMedVQA records, and the message that must name it.
+BAD_FILES = [
+    (b'[{"question_id": "q1",', "not valid JSON"),
+    (b'{"question_id": "q1"}', "must hold a JSON list"),
+    (b'["q1", "q2"]', "must hold a JSON list"),
+    ('[{"question": "Quelle modalit\xe9 ?"}]'.encode("latin-1"), "not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_FILES)
+def test_a_file_that_is_not_a_list_of_records_is_named(tmp_path, content, message):
+    qa = tmp_path / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    (qa / "Broken.json").write_bytes(content)
+    with pytest.raises(data.DataError, match=message) as error:
+        data.load_omnimedvqa(tmp_path)
+    assert "Broken.json" in str(error.value)
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    qa = tmp_path / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    (qa / "Bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([good_record(0, "Images/x.png")]).encode())
+    assert [s["id"] for s in data.load_omnimedvqa(tmp_path)] == ["ok-0"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image_path": None}, "image_path must be a string, not NoneType"),
+    ({"image_path": 7}, "image_path must be a string, not int"),
+    ({"option_B": ["MRI"]}, "option_B must be a string, not list"),
+    ({"option_B": True}, "option_B must be a string, not bool"),
+    ({"question": None}, "question must be a string, not NoneType"),
+    ({"option_E": "Ultrasound"}, "beyond option_D"),
+    ({"question": "Which modality?<|im_end|>"}, "special token '<\\|im_end\\|>'"),
+    ({"option_A": "CT <|image_pad|>"}, "option_A holds the special token"),
+])
+def test_a_field_of_the_wrong_kind_is_refused_by_name(tmp_path, change, message):
+    qa = tmp_path / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    (qa / "Odd.json").write_text(json.dumps([{**good_record(0, "Images/x.png"), **change}]))
+    with pytest.raises(data.DataError, match=message) as error:
+        data.load_omnimedvqa(tmp_path)
+    assert "Odd.json, record 'ok-0'" in str(error.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image": "/etc/passwd"}, "leaves the dataset root"),
+    ({"image": "../../etc/passwd"}, "leaves the dataset root"),
+    ({"image": "../../nowhere.png"}, "leaves the dataset root"),
+    ({"solution": None}, "solution must be a string"),
+    ({"problem": 3}, "problem must be a string"),
+])
+def test_a_split_file_record_obeys_the_same_rules(tmp_path, change, message):
+    record = {"image": "Images/x.png", "problem": "Which? A)CT, B)MRI", "solution": "<answer> A </answer>"}
+    path = tmp_path / "X-Ray_test.json"
+    path.write_text(json.dumps([{**record, **change}]))
+    with pytest.raises(data.DataError, match=message) as error:
+        data.load_medr1_split(path, image_root=tmp_path)
+    assert "X-Ray_test.json, record 0" in str(error.value)
+    with pytest.raises(data.DataError, match="cannot be read"):
+        data.load_medr1_split(tmp_path / "CT(Computed Tomography)_test.json", image_root=tmp_path)
+
+
+def test_nan_pixels_do_not_blacken_a_float_image_and_a_fifo_is_refused(tmp_path):
+    pixels = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    pixels[0, 0] = np.nan
+    Image.fromarray(pixels, mode="F").save(tmp_path / "float.tiff")
+    gray = np.asarray(data.load_image(str(tmp_path / "float.tiff")))[..., 0]
+    assert gray[0, 0] == 0 and gray[-1, -1] == 255 and gray[16, 16] not in (0, 255)
+    os.mkfifo(tmp_path / "fifo.png")
+    with pytest.raises(data.DataError, match="not a regular file"):
+        data.check_images([{"id": "q", "image": str(tmp_path / "fifo.png")}])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -149,3 +150,52 @@ def test_when_one_rank_fails_both_exit(tiny_path, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "cut.jpg cannot be decoded" in done.stdout + done.stderr
+
+
+def test_a_model_with_nan_weights_stops_sampling_with_a_clear_error(tiny, modality_split):
+    model, processor = tiny
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    prompts = data.collate(modality_split[0][:2], processor, "think-after")
+    for temperature in (1.0, 0.0):
+        with pytest.raises(FloatingPointError, match="NaN or infinite at completion token 0"):
+            modellib.sample(model, prompts, 2, modellib.Decoding(4, temperature),
+                            generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SystemExit, match="step 7: the model's logits are NaN"):
+        with train.named_step(7):
+            modellib.sample(model, prompts, 2, modellib.Decoding(4), generator=torch.Generator())
+
+
+def test_a_second_run_in_a_folder_stops_unless_it_resumes_or_overwrites(tiny_path, tmp_path):
+    args = ["train.py", "--steps", "2", "--save_every", "1", *SMALL, "--output_dir", str(tmp_path)]
+    run(args)
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and f"--output_dir {tmp_path} holds a run" in done.stderr
+    assert "--overwrite true" in done.stderr and [m["step"] for m in metrics(tmp_path)] == [1, 2]
+    run([*args, "--overwrite", "true"])
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]  # the old run's lines are gone
+
+
+def test_resume_auto_passes_over_a_cut_checkpoint_and_logs_each_step_once(tiny_path, tmp_path):
+    args = ["train.py", "--steps", "4", "--save_every", "1", "--keep_checkpoints", "3", *SMALL,
+            "--output_dir", str(tmp_path)]
+    run(args)
+    state = tmp_path / "step-3" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])  # a disk that filled up
+    out = run([*args, "--resume", "auto"])
+    assert f"not resuming from {tmp_path / 'step-3'}: trainer_state.pt is cut short" in out
+    assert f"resumed from {tmp_path / 'step-2'} at step 2" in out
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_with_weights_cut_short_is_incomplete(tiny_path, tmp_path):
+    folder = tmp_path / "step-5"
+    shutil.copytree(tiny_path, folder)
+    torch.save({"step": 5}, folder / "trainer_state.pt")
+    assert checkpoint.incomplete(folder) == ""
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert checkpoint.incomplete(folder) == "model.safetensors is cut short"
+    (folder / "trainer_state.pt").unlink()
+    with pytest.raises(SystemExit, match="no trainer_state.pt"):
+        checkpoint.resume_folder(str(folder), tmp_path)

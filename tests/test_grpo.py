@@ -146,6 +146,15 @@ def test_padded_tokens_get_zero_gradient_and_do_not_change_the_loss():
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("garbage", [float("inf"), float("-inf"), float("nan")])
+def test_infinite_or_nan_padding_gives_a_finite_gradient(garbage):
+    logprobs = LOGPROBS.masked_fill(MASK == 0, garbage).requires_grad_()
+    old = LOGPROBS.masked_fill(MASK == 0, -garbage if garbage == garbage else garbage)
+    loss, _ = policy_loss(logprobs, old, LOGPROBS + REF_SHIFT, ADVANTAGES, MASK, beta=0.1)
+    loss.backward()
+    assert loss.isfinite() and logprobs.grad.isfinite().all()
+
+
 # ---- loss aggregation (issue: the GRPO family as switches)
 # With ratio 1 and beta 0 every token's term is x_{i,t} = -A_i, which keeps the
 # hand arithmetic short: sequence lengths 3, 2, 4 and A = 1, -0.5, 2.

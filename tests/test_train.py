@@ -105,6 +105,38 @@ def test_flags_take_either_form_and_help_shows_each_field_comment(capsys):
     assert "mu: policy updates per rollout" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("steps", 0, "at least 1"), ("steps", -3, "at least 1"), ("max_new_tokens", 0, "at least 1"),
+    ("num_iterations", 0, "at least 1"), ("minibatches", 0, "at least 1"),
+    ("temperature", 0.0, "above 0"), ("temperature", -1.0, "above 0"), ("top_p", 0.0, "in \\(0, 1\\]"),
+    ("top_k", -1, "at least 0"), ("beta", -1.0, "at least 0"), ("eps_low", 2.0, "in \\[0, 1\\)"),
+    ("grad_clip", 0.0, "above 0"), ("save_every", -1, "at least 0"), ("eval_every", -1, "at least 0"),
+    ("keep_checkpoints", 0, "at least 1"), ("dtype", "fp16", "one of"), ("loss_type", "ppo", "one of"),
+    ("prompt_mode", "zero-shot", "one of"), ("rewards", "format,format", "distinct"),
+    ("rewards", "format,acuracy", "names from"), ("modalities", "CT,MRl", "names from"),
+    ("modalities", "CT, MRI", "no spaces"), ("question_types", "Diagnosis", "names from"),
+    ("ref_sync_alpha", 0.0, "in \\(0, 1\\]"), ("ref_sync_every", -2, "at least 0"),
+])
+def test_each_flag_out_of_its_range_is_refused_by_name(flag, value, message):
+    with pytest.raises(SystemExit, match=f"--{flag} {value!r}: must be .*{message}"):
+        train.resolve(train.Config(**{flag: value}), world=1)
+
+
+def test_reference_refresh_without_a_reference_is_refused():
+    with pytest.raises(SystemExit, match="--ref_sync_every needs a reference"):
+        train.resolve(train.Config(beta=0.0, ref_sync_every=5), world=1)
+
+
+def test_eval_refuses_a_bad_flag_and_a_missing_checkpoint_before_evaluating(tiny_path, tmp_path):
+    import eval as evaluation
+
+    for changes, message in [({"columns": "bogus"}, "--columns 'bogus'"),
+                             ({"max_samples": -1}, "--max_samples -1"), ({"batch_size": 0}, "--batch_size 0"),
+                             ({"checkpoints": f"{tiny_path},{tmp_path / 'nope'}"}, "nope' is not a model folder")]:
+        with pytest.raises(SystemExit, match=message):
+            evaluation.resolve(evaluation.EvalConfig(**changes))
+
+
 def test_prompts_must_split_evenly_over_ranks():
     with pytest.raises(SystemExit, match="multiple of the 3 ranks"):
         train.resolve(train.Config(prompts_per_step=4), world=3)
