@@ -12,34 +12,46 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+    set_optimizer_state_dict)
 
 
-def save(model, processor, folder, extra: dict, optimizer=None,
-                    trainer_state=None) -> None:
+def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=None,
+         reference=None) -> None:
     """A Hugging Face folder that from_pretrained loads, gathered from FSDP2 on rank 0. Collective.
 
     Written to folder.tmp and renamed into place only when complete, so a crash
     at any moment leaves the previous checkpoint loadable. With an optimizer, the
     full optimizer state and trainer_state (tensors, numbers, strings: loadable
-    with weights_only=True) go to trainer_state.pt for an exact resume.
+    with weights_only=True) go to trainer_state.pt for an exact resume, with the
+    reference model's weights when one is given (a refreshed reference is no
+    longer the base model).
     """
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    optimizer_state = None
     if optimizer is not None:
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        trainer_state = {**trainer_state,
+                         "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+    if reference is not None:
+        trainer_state["reference"] = get_model_state_dict(reference, options=options)
     if dist.get_rank() == 0:
         folder = Path(folder)
         tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         model.generation_config.use_cache = True
-        model.save_pretrained(tmp, state_dict=state)
-        processor.save_pretrained(tmp)
-        for name, content in extra.items():
-            (tmp / name).write_text(json.dumps(content, indent=1))
-        if optimizer is not None:
-            torch.save({**trainer_state, "optimizer": optimizer_state}, tmp / "trainer_state.pt")
+        # A full disk shows as an OSError, or from torch.save as a RuntimeError ("unexpected pos").
+        try:
+            model.save_pretrained(tmp, state_dict=state)
+            processor.save_pretrained(tmp)
+            for name, content in extra.items():
+                (tmp / name).write_text(json.dumps(content, indent=1))
+            if optimizer is not None:
+                torch.save(trainer_state, tmp / "trainer_state.pt")
+        except (OSError, RuntimeError) as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(folder.parent).free / 2 ** 30
+            raise SystemExit(f"saving {folder} failed: {error} ({free:.1f} GiB free on that disk); "
+                             "the previous checkpoint is untouched") from error
         if folder.exists():
             folder.rename(old)
         tmp.rename(folder)
@@ -47,11 +59,25 @@ def save(model, processor, folder, extra: dict, optimizer=None,
     dist.barrier()
 
 
-def load_trainer_state(model, optimizer, folder) -> dict:
-    """Restore the optimizer from a checkpoint's trainer_state.pt and return the rest of it."""
-    state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
-    set_optimizer_state_dict(model, optimizer, state.pop("optimizer"),
-                             options=StateDictOptions(full_state_dict=True))
+def load_trainer_state(model, optimizer, folder, reference=None) -> dict:
+    """Restore the optimizer (and the reference, if it was saved) from a checkpoint's
+    trainer_state.pt and return the rest of it. Collective.
+
+    Only rank 0 reads the file; the optimizer's and reference's tensors are
+    scattered from it shard by shard, the rest is broadcast.
+    """
+    state = {}
+    if dist.get_rank() == 0:
+        state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
+    optimizer_state, reference_state = state.pop("optimizer", {}), state.pop("reference", None)
+    state["with_reference"] = reference_state is not None
+    shared = [state]
+    dist.broadcast_object_list(shared, src=0)
+    state = shared[0]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    if reference is not None and state["with_reference"]:
+        set_model_state_dict(reference, reference_state or {}, options=options)
     return state
 
 

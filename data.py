@@ -333,6 +333,8 @@ def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 
 
     Images are stratified by (modality, question type, answer letter of their
     first question) so the test side has the same letter balance as the whole.
+    Rounding per stratum can leave every image of a small modality (or question
+    type) on one side; then one of them moves to the other side.
     """
     by_image = {}
     for sample in samples:
@@ -347,6 +349,16 @@ def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 
         images = strata[key]
         rng.shuffle(images)
         test_images.update(images[: round(len(images) * test_fraction)])
+    for field in ("modality", "question_type"):
+        groups = {}
+        for image, group in sorted(by_image.items()):
+            groups.setdefault(group[0][field], []).append(image)
+        for images in groups.values():
+            tested = [image for image in images if image in test_images]
+            if len(images) >= 2 and not tested:
+                test_images.add(images[0])
+            elif len(images) >= 2 and len(tested) == len(images):
+                test_images.discard(tested[0])
     train = [s for s in samples if s["image"] not in test_images]
     test = [s for s in samples if s["image"] in test_images]
     return train, test

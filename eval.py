@@ -8,9 +8,9 @@ One checkpoint gives a row of accuracies, one column per test set, their
 unweighted mean (the paper's "average accuracy") and the accuracy pooled over
 all questions; several checkpoints give the cross-modality (or question-type)
 matrix: trained on the row, tested on the column. A "random guess" row gives
-each test set's exact chance accuracy. Tables are printed as markdown and
-written as .md, .csv and (with matplotlib) a heatmap .png; each checkpoint's
-results also go to eval_results.json beside it.
+each test set's exact chance accuracy. Tables are printed as markdown, then
+written into --output as .md, .csv and (with matplotlib) a heatmap .png, and
+every row's numbers as eval_results.json (model folders are only read).
 
 Every answer is decoded to its end (an end token or --max_new_tokens), as
 Med-R1's evaluation does, and scored by each of SCORERS: ours and Med-R1's
@@ -150,7 +150,7 @@ class EvalConfig:
     batch_size: int = 64  # prompts per greedy batch on each rank
     max_new_tokens: int = 256  # greedy decoding stops at an end token or here (Med-R1: 256)
     max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
-    output: str = ""  # folder for accuracy.md/.csv/.png; empty = beside the first checkpoint
+    output: str = "runs/eval"  # folder for accuracy.md/.csv/.png and eval_results.json
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
 
 
@@ -232,7 +232,7 @@ def scorers_markdown(rows: dict, columns: list[str]) -> str:
 
 
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str, device) -> dict:
-    """One row of the tables: column (and POOLED) -> summary, for one checkpoint."""
+    """One row of the tables: column (and POOLED, with the prompt mode) -> summary."""
     trained = checkpoint / "train_config.json"
     mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists()
                                else "think-after")
@@ -253,13 +253,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str
     if by_column[POOLED].get("trained_questions"):
         print0(f"warning: {checkpoint} was trained on {by_column[POOLED]['trained_questions']:.1%} "
                "of these test questions: its accuracy here is not a held-out accuracy")
-    if dist.get_rank() == 0:
-        overall = {"mean_over_test_sets": sum(by_column[c]["accuracy"] for c in sets) / len(sets),
-                   "prompt_mode": mode, **by_column[POOLED]}
-        per_test_set = {c: by_column[c] for c in sets}
-        results_file = checkpoint / "eval_results.json"
-        results = {"overall": overall, "per_test_set": per_test_set}
-        results_file.write_text(json.dumps(results, indent=1))
+    by_column[POOLED]["prompt_mode"] = mode
     return by_column
 
 
@@ -274,12 +268,14 @@ def main():
         column: {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
                  "parse_failures": 0.0, "rationale_chars": 0.0}
         for column, samples in [*sets.items(), (POOLED, [s for v in sets.values() for s in v])]}}
+    checkpoints = {}
     for checkpoint in map(Path, cfg.checkpoints.split(",")):
         name = row_name(checkpoint)
         # Two checkpoints trained on the same thing keep a row each.
         while name in rows:
             name += "'"
         rows[name] = evaluate_checkpoint(cfg, checkpoint, sets, root, device)
+        checkpoints[name] = str(checkpoint)
     if dist.get_rank() == 0:
         # The share of test images and questions that training saw, where a checkpoint says.
         seen_keys = ["seen_images", "trained_questions"] if any(
@@ -295,8 +291,17 @@ def main():
         for key in seen_keys:
             print(f"\n{key} (%; nan: the checkpoint does not say what it trained on)\n" +
                   matrix_markdown(rows, columns, key))
-        write_tables(rows, columns, [*SCORERS, "parse_failures", *seen_keys],
-                     Path(cfg.output or Path(cfg.checkpoints.split(",")[0])))
+        # Written only after the tables are printed, and never into a model folder.
+        results = {name: {"checkpoint": checkpoints[name], "overall": rows[name][POOLED],
+                          "mean_over_test_sets": sum(rows[name][c]["accuracy"] for c in columns)
+                          / len(columns), "per_test_set": {c: rows[name][c] for c in columns}}
+                   for name in checkpoints}
+        try:
+            write_tables(rows, columns, [*SCORERS, "parse_failures", *seen_keys], Path(cfg.output))
+            (Path(cfg.output) / "eval_results.json").write_text(json.dumps(results, indent=1))
+        except OSError as error:
+            raise SystemExit(f"cannot write to --output {cfg.output} ({error.strerror}): the "
+                             "tables are printed above; pass another --output") from error
     common.finish_distributed()
 
 

@@ -7,7 +7,10 @@ this file only writes files in the same layouts.
 """
 
 import json
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -156,10 +159,10 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
         optimizer.step()
     model.generation_config.eos_token_id = modellib.end_token_ids(model, processor.tokenizer)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = new_build_folder(folder)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    tmp.rename(folder)
+    publish(tmp, folder, "model.safetensors")
     return folder
 
 
@@ -254,21 +257,21 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
     the same order (see synthetic_options); otherwise they are shuffled.
     """
     root = Path(root)
-    done = root / ".complete"
-    if done.exists():
+    if (root / ".complete").exists():
         return root
+    tmp = new_build_folder(root)
     rng = np.random.default_rng(seed)
     option_rng = random.Random(seed)
-    qa_dir = root / "QA_information" / "Open-access"
+    qa_dir = tmp / "QA_information" / "Open-access"
     qa_dir.mkdir(parents=True, exist_ok=True)
     for m, (name, modality_type) in enumerate(data.MODALITIES.items()):
         dataset = f"Synthetic {name}"
-        (root / "Images" / dataset).mkdir(parents=True, exist_ok=True)
+        (tmp / "Images" / dataset).mkdir(parents=True, exist_ok=True)
         records = []
         for i in range(images_per_modality):
             anatomy, grade, side = int(rng.integers(4)), int(rng.integers(4)), int(rng.integers(2))
             image_path = f"Images/{dataset}/{i:05d}.png"
-            draw_image(m, anatomy, grade, side, rng, image_size).save(root / image_path)
+            draw_image(m, anatomy, grade, side, rng, image_size).save(tmp / image_path)
             # Per question type, the index of the answer in ANSWER_POOLS.
             truths = [m, anatomy, int(grade > 0), grade - 1, side]
             for q, (question_type, truth) in enumerate(zip(data.QUESTION_TYPES, truths)):
@@ -288,5 +291,24 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
                 record.update({f"option_{L}": text for L, text in zip(data.LETTERS, options)})
                 records.append(record)
         (qa_dir / f"{dataset}.json").write_text(json.dumps(records, indent=1))
-    done.touch()
+    (tmp / ".complete").touch()
+    publish(tmp, root, ".complete")
     return root
+
+
+def new_build_folder(folder: Path) -> Path:
+    """A fresh folder beside folder to build it in: two processes building it at once (two runs
+    started together on an empty cache) never write into the same files."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+
+
+def publish(tmp: Path, folder: Path, marker: str) -> None:
+    """Move a finished build into place whole; if another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, folder)  # only onto a missing or empty folder
+    except OSError:
+        shutil.rmtree(tmp)
+    if not (folder / marker).exists():
+        raise RuntimeError(f"{folder} exists but holds no complete build ({marker} is missing): "
+                           "remove it and run again")

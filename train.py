@@ -13,6 +13,7 @@ Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion toke
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -119,6 +120,11 @@ LIMITS = {
     "max_skipped_steps": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
     "max_prompt_tokens": common.AT_LEAST_0,
 }
+
+
+# Flags that may change on a resume without changing what is trained.
+BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "steps", "epochs", "eval_every",
+               "eval_size", "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps"}
 
 
 def resolve(cfg: Config, world: int) -> Config:
@@ -339,7 +345,7 @@ def main():
         cfg.steps = math.ceil(cfg.epochs * len(train_samples) / cfg.prompts_per_step)
         print0(f"--epochs {cfg.epochs}: {cfg.steps} steps of {cfg.prompts_per_step} prompts")
 
-    # ---- model, reference (always the base, also on resume), optimizer, schedule
+    # ---- model, reference (the base; a refreshed one comes back on resume), optimizer, schedule
     policy, reference = load_models(cfg, path, device, policy_path=resume_from)
     decoding = modellib.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens,
                                      cfg.temperature, cfg.top_p, cfg.top_k)
@@ -351,13 +357,24 @@ def main():
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
     order, start_step, base_accuracy, skipped_in_a_row = [], 0, None, 0
+    # Which questions, in which order of indices: a resume must train on the same ones.
+    data_fingerprint = hashlib.sha1("\n".join(s["id"] for s in train_samples).encode()).hexdigest()
     if resume_from:
-        state = checkpoint.load_trainer_state(policy, optimizer, resume_from)
+        state = checkpoint.load_trainer_state(policy, optimizer, resume_from, reference)
         schedule.load_state_dict(state["schedule"])
         order_rng.set_state(state["order_rng"])
         sampling_rng.set_state(state["sampling_rng"])
         order, start_step = state["order"].tolist(), state["step"]
         base_accuracy = state["base_accuracy"]
+        if state.get("training_data", data_fingerprint) != data_fingerprint:
+            raise SystemExit(f"--resume {resume_from}: it trained on other questions than these "
+                             f"({len(train_samples)} now): resume with the same --data, split "
+                             "files and filters, or start a new run")
+        saved = json.loads((Path(resume_from) / "train_config.json").read_text())
+        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                   if k in saved and saved[k] != v and k not in BOOKKEEPING]
+        if changed:
+            print0("resuming with changed settings: " + ", ".join(changed))
         print0(f"resumed from {resume_from} at step {start_step}" + (
             "" if state["world"] == world else
             f" (saved on {state['world']} ranks, now {world}: correct, but not bit-exact)"))
@@ -370,9 +387,12 @@ def main():
 
     def save(step: int, folder: Path) -> None:
         state = {"step": step, "schedule": schedule.state_dict(), "world": world,
+                 "training_data": data_fingerprint,
                  "order": torch.tensor(order, dtype=torch.long), "order_rng": order_rng.get_state(),
                  "sampling_rng": sampling_rng.get_state(), "base_accuracy": base_accuracy}
-        checkpoint.save(policy, processor, folder, described, optimizer, state)
+        # A refreshed reference is saved too: it is no longer the base model.
+        checkpoint.save(policy, processor, folder, described, optimizer, state,
+                        reference if cfg.ref_sync_every else None)
 
     def held_out_accuracy(step: int) -> float:
         with named_step(step):

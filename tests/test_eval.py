@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import data
 import eval as evaluation
 import model as modellib
 import tiny
+from test_bad_input import run_fail
 from test_train import run
 
 
@@ -52,7 +54,8 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
     for row, checkpoint in zip(table[2:], checkpoints):
         values = [float(v) for v in row[1:-2]]
         assert float(row[-2]) == pytest.approx(sum(values) / len(values), abs=0.006)
-        results = json.loads((tmp_path / checkpoint.split("/")[-2] / "final" / "eval_results.json").read_text())
+        results = json.loads((tmp_path / "tables" / "eval_results.json").read_text())[row[0]]
+        assert results["checkpoint"] == checkpoint
         assert values == [round(100 * results["per_test_set"][m]["accuracy"], 2) for m in sorted(data.MODALITIES)]
         # Trained on one modality, tested on the root's held-out side of all: no test image was seen.
         assert results["overall"]["seen_images"] == results["overall"]["trained_questions"] == 0
@@ -67,7 +70,7 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
     training = {data.question_key(s) for s in data.split_by_image(data.load_omnimedvqa(fixture_root,
                                                                                        modalities=["CT"]))[0]}
     test = data.load_medr1_split(ct_file, image_root=fixture_root)
-    overall = json.loads((tmp_path / "CT" / "final" / "eval_results.json").read_text())["overall"]
+    overall = json.loads((tmp_path / "ct-file" / "eval_results.json").read_text())["CT"]["overall"]
     assert overall["trained_questions"] == pytest.approx(sum(data.question_key(s) in training for s in test) /
                                                          len(test)) and overall["trained_questions"] > 0.5
     assert "warning" in out and "not a held-out accuracy" in out
@@ -80,9 +83,23 @@ def test_eval_on_medr1_split_files_makes_one_column_per_file(fixture_root, tiny_
     with open(tmp_path / "accuracy.csv") as f:
         header = next(csv.reader(f))
     assert header == ["trained_on", "CT", "OCT", "average", "pooled"]
-    results = json.loads((tiny_path / "eval_results.json").read_text())
+    results = json.loads((tmp_path / "eval_results.json").read_text())["tiny-qwen2-vl"]
     assert results["overall"]["questions"] == sum(len(json.loads(open(f).read())) for f in files)
     assert "seen_images" not in results["overall"]  # the base model does not say what it was trained on
+
+
+def test_eval_never_writes_into_a_model_folder_and_says_when_it_cannot_write(tiny_path, tmp_path):
+    model = tmp_path / "shared-model"
+    shutil.copytree(tiny_path, model)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir())
+    (tmp_path / "a-file").write_text("not a folder")
+    printed = run_fail(["eval.py", "--checkpoints", str(model), "--max_samples", "2",
+                        "--output", str(tmp_path / "a-file")])
+    assert "| shared-model |" in printed  # the tables came first
+    assert f"cannot write to --output {tmp_path / 'a-file'}" in printed
+    run(["eval.py", "--checkpoints", str(model), "--max_samples", "2", "--output", str(tmp_path / "out")])
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in model.iterdir()) == before
+    assert (tmp_path / "out" / "eval_results.json").exists()
 
 
 def test_summary_averages_every_scorer_and_counts_parse_failures():

@@ -21,8 +21,9 @@ from conftest import REPO
 from test_train import SMALL, metrics, run
 
 
-def test_resume_gives_the_same_weights_and_completions_as_training_straight(tiny_path, tmp_path):
-    args = ["train.py", "--steps", "6", "--save_every", "3", *SMALL]
+@pytest.mark.parametrize("switches", [[], ["--ref_sync_every", "2"]], ids=["frozen-ref", "refreshed-ref"])
+def test_resume_gives_the_same_weights_and_completions_as_training_straight(tiny_path, tmp_path, switches):
+    args = ["train.py", "--steps", "6", "--save_every", "3", *SMALL, *switches]
     run([*args, "--output_dir", str(tmp_path / "straight")])
     # The second half alone, from the straight run's step-3 checkpoint, on the same one rank: bit-exact.
     out = run([*args, "--output_dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "straight" / "step-3")])
@@ -61,8 +62,9 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tiny, t
         raise OSError("disk full")
 
     monkeypatch.setattr(modellib.Processor, "save_pretrained", die)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SystemExit, match="saving .*final failed: disk full .*GiB free.* untouched"):
         checkpoint.save(model, processor, tmp_path / "final", {"train_config.json": {"version": 2}})
+    assert not (tmp_path / "final.tmp").exists()
     assert json.loads((tmp_path / "final" / "train_config.json").read_text()) == {"version": 1}
     reloaded = modellib.load_model(tmp_path / "final")
     before = load_file(tmp_path / "final" / "model.safetensors")
@@ -199,3 +201,27 @@ def test_a_checkpoint_with_weights_cut_short_is_incomplete(tiny_path, tmp_path):
     (folder / "trainer_state.pt").unlink()
     with pytest.raises(SystemExit, match="no trainer_state.pt"):
         checkpoint.resume_folder(str(folder), tmp_path)
+
+
+def test_two_processes_building_the_default_at_once_both_get_it_whole(dataset_root, tmp_path):
+    """Two runs started together on an empty cache: each builds in a folder of its own."""
+    script = ("import sys, tiny; root = tiny.make_synthetic(sys.argv[1] + '/data', images_per_modality=4); "
+              "tiny.build_tiny(sys.argv[1] + '/model', root, warmup_steps=1); print('built')")
+    builds = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [build.communicate(timeout=600) for build in builds]
+    assert [build.returncode for build in builds] == [0, 0], outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]  # no build folder left behind
+    assert len(data.load_omnimedvqa(tmp_path / "data")) > 0
+    assert modellib.load_model(tmp_path / "model") is not None
+
+
+def test_a_resume_on_other_data_stops_and_changed_settings_are_listed(tiny_path, tmp_path):
+    args = ["train.py", "--steps", "3", "--save_every", "1", *SMALL]
+    run([*args, "--output_dir", str(tmp_path / "first")])
+    resume = ["--resume", str(tmp_path / "first" / "step-1")]
+    done = subprocess.run([sys.executable, *args, *resume, "--modalities", "CT", "--output_dir",
+                           str(tmp_path / "ct")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "it trained on other questions than these" in done.stderr
+    out = run([*args, *resume, "--lr", "0.0002", "--output_dir", str(tmp_path / "lr")])
+    assert "resuming with changed settings: lr 0.0005 -> 0.0002" in out

@@ -132,3 +132,20 @@ def test_the_training_record_counts_the_test_images_and_questions_it_holds(root)
     assert all(not path.startswith("/") for path in record["images"])  # relative: holds on any machine
     seen = data.seen_in_training(record, test, root)
     assert seen == {"test_images": len(images(test)), "seen_images": len(images(test[:3])), "seen_questions": 3}
+
+
+def test_a_small_modality_gets_an_image_on_each_side():
+    """72 images over 6 modalities, as in a small real collection: the 3 fundus images each have
+    their own answer letter, so rounding per stratum alone would test on none of them."""
+    samples = []
+    for m, modality in enumerate(["CT", "MRI", "X-Ray", "OCT", "Microscopy"]):
+        samples += [{"image": f"{modality}/{i}.png", "modality": modality, "answer": "ABCD"[i % 4],
+                     "question_type": "Modality Recognition"} for i in range(69 // 5 + (m < 69 % 5))]
+    samples += [{"image": f"Fundus/{i}.png", "modality": "Fundus Photography", "answer": "ABC"[i],
+                 "question_type": "Modality Recognition"} for i in range(3)]
+    assert len(samples) == 72
+    train, test = data.split_by_image(samples)
+    for modality in {s["modality"] for s in samples}:
+        assert any(s["modality"] == modality for s in train), modality
+        assert any(s["modality"] == modality for s in test), modality
+    assert 0.15 <= len(test) / len(samples) <= 0.3

@@ -67,7 +67,7 @@ def test_evaluation_is_the_same_on_two_ranks_and_any_batch_size(tiny_path, tmp_p
     for nproc, batch_size in [(1, 64), (2, 8), (2, 3)]:
         run(["eval.py", "--checkpoints", str(tiny_path), "--max_samples", "5", "--batch_size", str(batch_size),
              "--output", str(tmp_path)], nproc)
-        results.append(json.loads((tiny_path / "eval_results.json").read_text()))
+        results.append(json.loads((tmp_path / "eval_results.json").read_text())["tiny-qwen2-vl"])
     assert results[0]["overall"]["questions"] == 8 * 5
     assert results[0] == results[1] == results[2]
 
