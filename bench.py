@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import common
 import data
+import inputs
 import model as modellib
 import rewards
 import tiny
@@ -63,10 +64,10 @@ def bench_model(cfg: BenchConfig) -> str:
     return tiny.model_path(cfg.model, ".cache", tiny.dataset_root("", ".cache"))
 
 
-def bench_processor(cfg: BenchConfig, path: str) -> modellib.Processor:
+def bench_processor(cfg: BenchConfig, path: str) -> inputs.Processor:
     """The model's processor; the tiny one's budget (64 x 64 pixels) grows to fit --image_size."""
     max_pixels = None if cfg.model else max(cfg.image_size, 64) ** 2
-    return modellib.Processor.from_pretrained(path, max_pixels=max_pixels)
+    return inputs.Processor.from_pretrained(path, max_pixels=max_pixels)
 
 
 def ours(cfg: BenchConfig) -> dict:
@@ -129,7 +130,7 @@ def trl(cfg: BenchConfig) -> dict:
     dataset = Dataset.from_list([{
         "prompt": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": data.build_prompt(s, "think-after")}]}],
-        "image": data.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)}
+        "image": inputs.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)}
         for s in samples])
 
     def reward(name):

@@ -4,6 +4,7 @@ A checkpoint is a Hugging Face folder that from_pretrained loads, plus, for
 step-N checkpoints, trainer_state.pt: the optimizer and the loop's state.
 """
 
+import hashlib
 import json
 import shutil
 import zipfile
@@ -59,12 +60,23 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
     dist.barrier()
 
 
-def load_trainer_state(model, optimizer, folder, reference=None) -> dict:
+# Flags that may change on a resume without changing what is trained.
+BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "steps", "epochs", "eval_every",
+               "eval_size", "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps"}
+
+
+def fingerprint(samples: list[dict]) -> str:
+    """Which questions, in which order: sample indices mean the same only on the same data."""
+    return hashlib.sha1("\n".join(s["id"] for s in samples).encode()).hexdigest()
+
+
+def load_trainer_state(model, optimizer, folder, reference, config: dict, samples: list) -> dict:
     """Restore the optimizer (and the reference, if it was saved) from a checkpoint's
     trainer_state.pt and return the rest of it. Collective.
 
-    Only rank 0 reads the file; the optimizer's and reference's tensors are
-    scattered from it shard by shard, the rest is broadcast.
+    It must have trained on the same samples; settings that changed since are
+    listed. Only rank 0 reads the file; the optimizer's and reference's tensors
+    are scattered from it shard by shard, the rest is broadcast.
     """
     state = {}
     if dist.get_rank() == 0:
@@ -74,6 +86,15 @@ def load_trainer_state(model, optimizer, folder, reference=None) -> dict:
     shared = [state]
     dist.broadcast_object_list(shared, src=0)
     state = shared[0]
+    if state["training_data"] != fingerprint(samples):
+        raise SystemExit(f"--resume {folder}: it trained on other questions than these "
+                         f"({len(samples)} now): resume with the same --data, split files and "
+                         "filters, or start a new run")
+    saved = json.loads((Path(folder) / "train_config.json").read_text())
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in config.items()
+               if k in saved and saved[k] != v and k not in BOOKKEEPING]
+    if changed and dist.get_rank() == 0:
+        print("resuming with changed settings: " + ", ".join(changed))
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if reference is not None and state["with_reference"]:

@@ -15,14 +15,12 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 from PIL import Image
 
 import rewards
+from inputs import PromptBatch, load_image
 
 # Med-R1's names for the 8 modalities -> OmniMedVQA's `modality_type` strings
 # (which are also the stems of Med-R1's split files, typos included).
@@ -364,25 +362,6 @@ def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 
     return train, test
 
 
-def load_image(path: str, size: int | None = None) -> Image.Image:
-    """An RGB image, resized to size x size when size is given (Med-R1 resizes to 384x384).
-
-    16-bit and float grayscale (common in medical PNG/TIFF) are scaled to 8 bits
-    by their own range; palette, CMYK, RGBA and the rest convert as PIL does.
-    """
-    with Image.open(path) as image:
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            pixels = np.asarray(image, dtype=np.float64)
-            # Scaled by the finite pixels' range; NaN and infinite pixels become black.
-            finite = pixels[np.isfinite(pixels)]
-            low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-            scaled = np.nan_to_num((pixels - low) / max(high - low, 1e-12), nan=0.0, posinf=1.0,
-                                   neginf=0.0)
-            image = Image.fromarray(np.uint8(255 * scaled.clip(0, 1)))
-        image = image.convert("RGB")
-    return image.resize((size, size), Image.BICUBIC) if size else image
-
-
 def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
     """Open every image's header once, before training: a missing or unreadable file raises
     DataError naming the record (or, with an errors list, is recorded there and dropped)."""
@@ -429,20 +408,6 @@ def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_token
 # ---------------------------------------------------------------- collation
 
 
-@dataclass
-class PromptBatch:
-    """B prompts ready for the model; prompts are left-padded to a common length P."""
-
-    input_ids: torch.Tensor  # (B, P)
-    attention_mask: torch.Tensor  # (B, P), 0 on left padding
-    mm_token_type_ids: torch.Tensor  # (B, P), 1 on image tokens
-    pixel_values: torch.Tensor  # (sum over images of patches, C * temporal_patch * patch * patch)
-    image_grid_thw: torch.Tensor  # (B, 3), one image per prompt
-
-    def to(self, device) -> "PromptBatch":
-        return PromptBatch(**{k: v.to(device) for k, v in vars(self).items()})
-
-
 def chat_text(tokenizer, sample: dict, mode: str) -> str:
     """The chat-formatted prompt: one user turn, the image first, then the prompt text."""
     content = [{"type": "image"}, {"type": "text", "text": build_prompt(sample, mode)}]
@@ -463,16 +428,3 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
             raise DataError(f"record {s['id']!r}: image {s['image']} cannot be decoded: "
                             f"{error}") from error
     return PromptBatch(**processor(texts, images))
-
-
-def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
-    """The given rows of a batch (in that order, repeats allowed), each with its image's patches."""
-    # One (patches, D) block per row.
-    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())
-    return PromptBatch(
-        input_ids=batch.input_ids[rows],  # (R, P)
-        attention_mask=batch.attention_mask[rows],  # (R, P)
-        mm_token_type_ids=batch.mm_token_type_ids[rows],  # (R, P)
-        pixel_values=torch.cat([blocks[i] for i in rows.tolist()]),  # (patches of the R images, D)
-        image_grid_thw=batch.image_grid_thw[rows],  # (R, 3)
-    )

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import common
 import data
+import inputs
 import model as modellib
 import rewards
 import tiny
@@ -236,8 +237,8 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str
     trained = checkpoint / "train_config.json"
     mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists()
                                else "think-after")
-    processor = modellib.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
-    tokens = modellib.visual_tokens(processor, cfg.image_size or None)
+    processor = inputs.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
+    tokens = inputs.visual_tokens(processor, cfg.image_size or None)
     print0(f"{checkpoint}: prompt mode {mode}, {tokens} visual tokens per image")
     model = modellib.load_model(checkpoint).to(device)
     modellib.shard(model, bf16=device.type == "cuda")

@@ -5,74 +5,21 @@ T completion tokens, V vocabulary.
 """
 
 import functools
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
-from transformers import (AutoModelForImageTextToText, AutoTokenizer, DynamicCache,
-                          PreTrainedTokenizerFast)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import AutoModelForImageTextToText, DynamicCache
 
-import data
+from inputs import PromptBatch
 
 # The policy must never sample these: a stray <|image_pad|> breaks the training forward.
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
                  "<|video_pad|>"]
-
-
-# ---------------------------------------------------------------- processor
-
-
-@dataclass
-class Processor:
-    """Image-only stand-in for Qwen2VLProcessor, whose video half needs torchvision here."""
-
-    tokenizer: PreTrainedTokenizerFast
-    image_processor: Qwen2VLImageProcessorPil
-
-    @classmethod
-    def from_pretrained(cls, path, min_pixels: int | None = None,
-                        max_pixels: int | None = None) -> "Processor":
-        path = Path(path)
-        if not (path / "preprocessor_config.json").exists() or not list(path.glob("tokenizer*")):
-            raise FileNotFoundError(f"{path} has no processor files (preprocessor_config.json, "
-                                    "tokenizer.json): "
-                                    "copy them from the base model folder")
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tokenizer.chat_template is None and (path / "chat_template.json").exists():
-            template = json.loads((path / "chat_template.json").read_text())["chat_template"]
-            tokenizer.chat_template = template
-        pixel_limits = {k: v for k, v in [("min_pixels", min_pixels), ("max_pixels", max_pixels)]
-                        if v}
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **pixel_limits)
-        return cls(tokenizer, image_processor)
-
-    def __call__(self, texts: list[str], images: list) -> dict:
-        """Tokenize B chat texts (one image placeholder each, left-padded) and encode B images."""
-        vision = self.image_processor(images=images, return_tensors="pt")
-        merge = self.image_processor.merge_size ** 2
-        # Each image becomes grid_t * grid_h * grid_w / merge^2 <|image_pad|> tokens.
-        pads = (vision["image_grid_thw"].prod(dim=-1) // merge).tolist()  # (B,)
-        texts = [text.replace("<|image_pad|>", "<|image_pad|>" * n) for text, n in zip(texts, pads)]
-        tokens = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-        image_token = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        return {
-            "input_ids": tokens["input_ids"],  # (B, P)
-            "attention_mask": tokens["attention_mask"],  # (B, P)
-            "mm_token_type_ids": (tokens["input_ids"] == image_token).long(),  # (B, P)
-            "pixel_values": vision["pixel_values"],  # (patches, D)
-            "image_grid_thw": vision["image_grid_thw"],  # (B, 3)
-        }
-
-    def save_pretrained(self, path) -> None:
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
 
 
 def end_token_ids(model, tokenizer) -> list[int]:
@@ -81,18 +28,6 @@ def end_token_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return sorted(ids)
-
-
-def visual_tokens(processor: Processor, image_size: int | None) -> int:
-    """How many <|image_pad|> tokens an image_size x image_size image becomes (Med-R1's 384: 196).
-
-    Run once at start-up so the log shows the image budget the processor really applies.
-    """
-    from PIL import Image
-
-    image = Image.new("RGB", (image_size or 448, image_size or 448))
-    grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
-    return int(grid.prod()) // processor.image_processor.merge_size ** 2
 
 
 def load_model(path, dtype=torch.float32):
@@ -185,7 +120,7 @@ def decode(tokenizer, rollout: Rollout) -> list[str]:
             for ids, mask in zip(rollout.completion_ids, rollout.completion_mask)]
 
 
-def prefill(model, prompts: data.PromptBatch, cache=None):
+def prefill(model, prompts: PromptBatch, cache=None):
     """One forward over the B prompts and their images into a KV cache (a new one if None).
 
     Returns the model output (logits of the last position only, (B, 1, V)) and
@@ -252,7 +187,7 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 @torch.no_grad()
 @gathered_once
-def sample(model, prompts: data.PromptBatch, group_size: int, decoding: Decoding,
+def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
            generator: torch.Generator | None = None, rows: tuple[int, int] | None = None, stop=None,
            compile_decode: bool = False) -> Rollout:
     """G completions per prompt from one prefill per prompt; this loop only keeps track of rows.
@@ -362,7 +297,7 @@ class PromptCache(DynamicCache):
         return keys, torch.cat([layer.values, value_states], dim=-2)
 
 
-def token_logprobs(model, prompts: data.PromptBatch, completion_ids: torch.Tensor,
+def token_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, temperature: float = 1.0,
                    group_size: int = 1) -> torch.Tensor:
     """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T).
@@ -429,7 +364,7 @@ def enable_grad_checkpointing(model) -> None:
         layer._can_checkpoint_with_cache = True
 
 
-def sft_loss(model, tokenizer, prompts: data.PromptBatch, targets: list[str]) -> torch.Tensor:
+def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> torch.Tensor:
     """Mean negative log-likelihood of each target text and <|im_end|>, on completion tokens."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = [tokenizer(text)["input_ids"] + [end] for text in targets]

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
+import inputs
 import model as modellib
 import rewards
 from common import print0
@@ -146,7 +147,7 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
     # max_pixels 64 * 64, not 56 * 56: smart_resize floors, so any square image then becomes
     # 56 x 56 pixels, 4 x 4 patches, 4 visual tokens.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 64)
-    processor = modellib.Processor(train_tokenizer(samples), image_processor)
+    processor = inputs.Processor(train_tokenizer(samples), image_processor)
     model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     for _ in range(warmup_steps):

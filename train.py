@@ -13,7 +13,6 @@ Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion toke
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -29,6 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import common
 import data
+import inputs
 import eval as evaluation
 import grpo
 import model as modellib
@@ -120,11 +120,6 @@ LIMITS = {
     "max_skipped_steps": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
     "max_prompt_tokens": common.AT_LEAST_0,
 }
-
-
-# Flags that may change on a resume without changing what is trained.
-BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "steps", "epochs", "eval_every",
-               "eval_size", "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps"}
 
 
 def resolve(cfg: Config, world: int) -> Config:
@@ -242,7 +237,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
 
     def logprobs_of(model, group_rows):
         """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T)."""
-        group_prompts = data.select_rows(prompts, group_rows[::G] // G)
+        group_prompts = inputs.select_rows(prompts, group_rows[::G] // G)
         return modellib.token_logprobs(model, group_prompts, ids[group_rows], mask[group_rows],
                                        cfg.temperature, group_size=G)
 
@@ -328,8 +323,8 @@ def main():
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resume_folder(cfg.resume, out)
     checkpoint.claim(out, cfg.resume, cfg.overwrite)
-    processor = modellib.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
-    tokens = modellib.visual_tokens(processor, cfg.image_size or None)
+    processor = inputs.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
+    tokens = inputs.visual_tokens(processor, cfg.image_size or None)
     print0(f"{tokens} visual tokens per image")
     # One visual token covers 28 x 28 pixels.
     if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:
@@ -357,24 +352,14 @@ def main():
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
     order, start_step, base_accuracy, skipped_in_a_row = [], 0, None, 0
-    # Which questions, in which order of indices: a resume must train on the same ones.
-    data_fingerprint = hashlib.sha1("\n".join(s["id"] for s in train_samples).encode()).hexdigest()
     if resume_from:
-        state = checkpoint.load_trainer_state(policy, optimizer, resume_from, reference)
+        state = checkpoint.load_trainer_state(policy, optimizer, resume_from, reference,
+                                              dataclasses.asdict(cfg), train_samples)
         schedule.load_state_dict(state["schedule"])
         order_rng.set_state(state["order_rng"])
         sampling_rng.set_state(state["sampling_rng"])
         order, start_step = state["order"].tolist(), state["step"]
         base_accuracy = state["base_accuracy"]
-        if state.get("training_data", data_fingerprint) != data_fingerprint:
-            raise SystemExit(f"--resume {resume_from}: it trained on other questions than these "
-                             f"({len(train_samples)} now): resume with the same --data, split "
-                             "files and filters, or start a new run")
-        saved = json.loads((Path(resume_from) / "train_config.json").read_text())
-        changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                   if k in saved and saved[k] != v and k not in BOOKKEEPING]
-        if changed:
-            print0("resuming with changed settings: " + ", ".join(changed))
         print0(f"resumed from {resume_from} at step {start_step}" + (
             "" if state["world"] == world else
             f" (saved on {state['world']} ranks, now {world}: correct, but not bit-exact)"))
@@ -387,7 +372,7 @@ def main():
 
     def save(step: int, folder: Path) -> None:
         state = {"step": step, "schedule": schedule.state_dict(), "world": world,
-                 "training_data": data_fingerprint,
+                 "training_data": checkpoint.fingerprint(train_samples),
                  "order": torch.tensor(order, dtype=torch.long), "order_rng": order_rng.get_state(),
                  "sampling_rng": sampling_rng.get_state(), "base_accuracy": base_accuracy}
         # A refreshed reference is saved too: it is no longer the base model.

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+import inputs  # noqa: E402
 import model as modellib  # noqa: E402
 from tiny import build_tiny, make_synthetic  # noqa: E402
 
@@ -31,7 +32,7 @@ def tiny_path(dataset_root):
 def tiny(tiny_path):
     """A fresh fp32 copy of the tiny model and its processor."""
     torch.manual_seed(0)
-    return modellib.load_model(tiny_path), modellib.Processor.from_pretrained(tiny_path)
+    return modellib.load_model(tiny_path), inputs.Processor.from_pretrained(tiny_path)
 
 
 @pytest.fixture(scope="session")

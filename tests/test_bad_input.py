@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import inputs
 from conftest import REPO
 from test_train import SMALL, metrics, run
 
@@ -63,11 +64,11 @@ def mixed_root(tmp_path):
 def test_odd_images_are_converted_to_rgb_and_huge_ones_fit_the_budget(mixed_root):
     root, _ = mixed_root
     for name in ["gray16.png", "palette.png", "cmyk.jpg", "rgba.png", "huge.png"]:
-        image = data.load_image(str(root / "Images" / "Mixed" / name))
+        image = inputs.load_image(str(root / "Images" / "Mixed" / name))
         assert image.mode == "RGB"
-    gray = np.asarray(data.load_image(str(root / "Images" / "Mixed" / "gray16.png")))
+    gray = np.asarray(inputs.load_image(str(root / "Images" / "Mixed" / "gray16.png")))
     assert gray.min() == 0 and gray.max() == 255  # scaled by its range, not clipped to white
-    assert data.load_image(str(root / "Images" / "Mixed" / "huge.png"), 384).size == (384, 384)
+    assert inputs.load_image(str(root / "Images" / "Mixed" / "huge.png"), 384).size == (384, 384)
 
 
 @pytest.mark.parametrize("qid, message", [
@@ -171,7 +172,7 @@ def test_nan_pixels_do_not_blacken_a_float_image_and_a_fifo_is_refused(tmp_path)
     pixels = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     pixels[0, 0] = np.nan
     Image.fromarray(pixels, mode="F").save(tmp_path / "float.tiff")
-    gray = np.asarray(data.load_image(str(tmp_path / "float.tiff")))[..., 0]
+    gray = np.asarray(inputs.load_image(str(tmp_path / "float.tiff")))[..., 0]
     assert gray[0, 0] == 0 and gray[-1, -1] == 255 and gray[16, 16] not in (0, 255)
     os.mkfifo(tmp_path / "fifo.png")
     with pytest.raises(data.DataError, match="not a regular file"):

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import data
+import inputs
 import model as modellib
 import rewards
 import train
@@ -61,7 +62,7 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tiny, t
     def die(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(modellib.Processor, "save_pretrained", die)
+    monkeypatch.setattr(inputs.Processor, "save_pretrained", die)
     with pytest.raises(SystemExit, match="saving .*final failed: disk full .*GiB free.* untouched"):
         checkpoint.save(model, processor, tmp_path / "final", {"train_config.json": {"version": 2}})
     assert not (tmp_path / "final.tmp").exists()
@@ -123,7 +124,7 @@ def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_spl
     model, processor = tiny
     sample = modality_split[0][0]
     real_length = data.collate([sample], processor, "think-after").input_ids.shape[1]
-    tokens = modellib.visual_tokens(processor, 384)
+    tokens = inputs.visual_tokens(processor, 384)
     data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, real_length)
     with pytest.raises(data.DataError, match=f"record {sample['id']!r} with {real_length} tokens"):
         data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, real_length - 1)

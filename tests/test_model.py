@@ -10,6 +10,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 
 import checkpoint
 import data
+import inputs
 import model as modellib
 from tiny import CHAT_TEMPLATE, tiny_config
 
@@ -17,18 +18,18 @@ from tiny import CHAT_TEMPLATE, tiny_config
 SIZES = {"equal": [(56, 56), (56, 56)], "different": [(56, 56), (84, 28), (28, 84)]}
 
 
-def encode(processor, samples, sizes, mode="think-after") -> data.PromptBatch:
+def encode(processor, samples, sizes, mode="think-after") -> inputs.PromptBatch:
     """A left-padded PromptBatch whose i-th image is resized to sizes[i] (width, height)."""
     texts = [processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(s, mode)}]}],
         add_generation_prompt=True, tokenize=False) for s in samples]
-    images = [data.load_image(s["image"]).resize(size) for s, size in zip(samples, sizes)]
-    return data.PromptBatch(**processor(texts, images))
+    images = [inputs.load_image(s["image"]).resize(size) for s, size in zip(samples, sizes)]
+    return inputs.PromptBatch(**processor(texts, images))
 
 
-def repeat_prompts(batch: data.PromptBatch, group_size: int) -> data.PromptBatch:
+def repeat_prompts(batch: inputs.PromptBatch, group_size: int) -> inputs.PromptBatch:
     """B prompts -> B*G rows where row i is prompt i // G, each with its own copy of its image's patches."""
-    return data.select_rows(batch, torch.arange(batch.input_ids.shape[0]).repeat_interleave(group_size))
+    return inputs.select_rows(batch, torch.arange(batch.input_ids.shape[0]).repeat_interleave(group_size))
 
 
 def random_qwen2_5_vl(tokenizer):
@@ -255,7 +256,7 @@ def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_
     assert (folder / "model.safetensors.index.json").exists()
 
     loaded = modellib.load_model(folder)
-    loaded_processor = modellib.Processor.from_pretrained(folder, max_pixels=56 * 56)
+    loaded_processor = inputs.Processor.from_pretrained(folder, max_pixels=56 * 56)
     batch = encode(loaded_processor, mixed_samples, SIZES["different"])
     assert loaded_processor.tokenizer.chat_template == CHAT_TEMPLATE
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_model_folder_without_processor_files_is_a_clear_error(tiny, tmp_path):
     model, _ = tiny
     model.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no processor files"):
-        modellib.Processor.from_pretrained(tmp_path)
+        inputs.Processor.from_pretrained(tmp_path)
 
 
 def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_samples, tmp_path,
@@ -306,9 +307,9 @@ def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mix
 
 def test_the_image_budget_is_really_applied(tiny_path):
     """Med-R1: 384 x 384 images and max_pixels 401408 give 196 visual tokens; the tiny default's budget gives 4."""
-    assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=401408), 384) == 196
-    assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path), 384) == 4
-    assert modellib.visual_tokens(modellib.Processor.from_pretrained(tiny_path, max_pixels=28 * 28), 384) == 1
+    assert inputs.visual_tokens(inputs.Processor.from_pretrained(tiny_path, max_pixels=401408), 384) == 196
+    assert inputs.visual_tokens(inputs.Processor.from_pretrained(tiny_path), 384) == 4
+    assert inputs.visual_tokens(inputs.Processor.from_pretrained(tiny_path, max_pixels=28 * 28), 384) == 1
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])

@@ -241,6 +241,7 @@ def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_proce
 def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split):
     """Oracle: the full forward's logits, log-softmax, picked at the target positions by hand."""
     import data
+    import inputs
     import model as modellib
 
     model, processor = tiny
@@ -252,10 +253,10 @@ def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split
     nll, count = 0.0, 0
     for i, text in enumerate(targets):
         target = processor.tokenizer(text)["input_ids"] + [end]
-        row = data.select_rows(prompts, torch.tensor([i]))
+        row = inputs.select_rows(prompts, torch.tensor([i]))
         keep = row.attention_mask[0].bool()  # drop this row's left padding
         ids = torch.cat([row.input_ids[0][keep], torch.tensor(target)]).unsqueeze(0)
-        one = data.PromptBatch(ids, torch.ones_like(ids), torch.nn.functional.pad(row.mm_token_type_ids[0][keep],
+        one = inputs.PromptBatch(ids, torch.ones_like(ids), torch.nn.functional.pad(row.mm_token_type_ids[0][keep],
                                (0, len(target))).unsqueeze(0), row.pixel_values, row.image_grid_thw)
         with torch.no_grad():
             logits = model(**vars(one)).logits[0].log_softmax(-1)
