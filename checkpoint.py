@@ -86,7 +86,8 @@ def load_trainer_state(model, optimizer, folder, reference, config: dict, sample
     shared = [state]
     dist.broadcast_object_list(shared, src=0)
     state = shared[0]
-    if state["training_data"] != fingerprint(samples):
+    # Checkpoints from before this check hold no fingerprint; they are taken on trust.
+    if state.get("training_data", fingerprint(samples)) != fingerprint(samples):
         raise SystemExit(f"--resume {folder}: it trained on other questions than these "
                          f"({len(samples)} now): resume with the same --data, split files and "
                          "filters, or start a new run")
