@@ -146,3 +146,12 @@ def test_the_synthetic_questions_of_a_real_layout_fixture_load_with_shuffled_opt
     letters = {s["answer"] for s in samples}
     assert len(letters) > 1  # shuffled: the answer letter is not fixed by the modality
     assert all(len(s["options"]) == 4 for s in samples)
+
+
+def test_two_split_files_for_one_column_are_refused(fixture_root, tmp_path):
+    test_file = fixture_root / f"{data.MODALITIES['CT']}_test.json"
+    other = tmp_path / f"{data.MODALITIES['CT']}_train.json"
+    shutil.copy(test_file, other)
+    cfg = evaluation.EvalConfig(split_files=f"{test_file},{other}", data=str(fixture_root))
+    with pytest.raises(data.DataError, match="a second test file for column 'CT'"):
+        evaluation.test_sets(cfg, str(fixture_root))
