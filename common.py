@@ -6,6 +6,7 @@ prints and writes files; `print0` and `Log` do nothing on the other ranks.
 """
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -153,11 +154,20 @@ class Log:
             self.files[name].write(json.dumps(record) + "\n")
             self.files[name].flush()
 
-    def step(self, logged: dict) -> None:
-        """A step's metrics: to metrics.jsonl and TensorBoard, one printed line, and every tenth
-        step a warning if the last ten look like a run that learns nothing."""
+    def step(self, step: int, metrics: dict, step_s: float, lr: float, completions: int) -> dict:
+        """A step's metrics over all ranks (means; extremes by min and max; a collective), with
+        timings and lr. On rank 0 they go to metrics.jsonl and TensorBoard, a printed line, and
+        every tenth step a warning if the last ten look like a run that learns nothing."""
+        extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max",
+                    "completion_len_max": "max"}
+        logged = {"step": step, **reduce_over_ranks(metrics, extremes), "lr": lr, "step_s": step_s}
+        if "rollout_s" in logged:
+            logged["update_s"] = step_s - logged["rollout_s"]
+            # Sampled completion tokens per second of rollout, all ranks.
+            tokens = logged["completion_len"] * completions
+            logged["tokens_per_s"] = tokens / max(logged["rollout_s"], 1e-9)
         if not self.active:
-            return
+            return logged
         self.write("metrics", logged)
         for key, value in logged.items() if self.tensorboard else ():
             self.tensorboard.add_scalar(key, value, logged["step"])
@@ -173,6 +183,7 @@ class Log:
                 print0(f"warning: {zero_std:.0%} of groups have equal rewards, so no policy "
                        "gradient (fine only if the reward is at its maximum): raise "
                        "--num_generations or --temperature, or see rollouts.jsonl")
+        return logged
 
     def summary(self, m: dict) -> str:
         """The one-line summary of a step: each reward, the KL, length, zero-std groups, letters."""
@@ -202,6 +213,16 @@ class Log:
             ax.set_xlabel("step")
         fig.tight_layout()
         fig.savefig(self.out / "curves.png", dpi=100)
+
+
+@contextlib.contextmanager
+def named_step(step: int):
+    """A sampler that met non-finite logits stops the run with a message naming the step."""
+    try:
+        yield
+    except FloatingPointError as error:
+        raise SystemExit(f"step {step}: {error}; lower --lr, or resume from an earlier "
+                         "checkpoint") from error
 
 
 def tensorboard_writer(out: Path):

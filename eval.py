@@ -190,9 +190,8 @@ def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
         if errors:
             print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
     else:
-        question_types = cfg.question_types or ("" if cfg.data else tiny.QUESTION_TYPE)
-        _, held_out = data.load_splits(root, [m for m in cfg.modalities.split(",") if m],
-                                       [q for q in question_types.split(",") if q],
+        modalities, question_types = tiny.filters(cfg.data, cfg.modalities, cfg.question_types)
+        _, held_out = data.load_splits(root, modalities, question_types,
                                        skip_bad_records=cfg.skip_bad_records, log=print0)
         for sample in held_out:
             column = sample["modality"] if cfg.columns == "modality" else sample["question_type"]

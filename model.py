@@ -230,7 +230,8 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
         return full.index_copy(0, active, values)
 
     for t in range(decoding.max_new_tokens):
-        finite = logits.isfinite().all()  # NaN or inf weights, or an overflow, show here
+        # NaN or inf weights, or an overflow, show here first.
+        finite = logits.isfinite().all()
         uniform = None
         if decoding.temperature > 0:
             first, total = rows or (0, N)
@@ -247,10 +248,9 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
         finished = finished | torch.isin(step_token, end_ids)
         if stop is not None:
             finished = finished | stop(torch.stack(tokens, dim=1))
-        # The one host synchronization per token: how many active rows go on, whether all
-        # ranks are done, and whether the logits were finite.
+        # The one host synchronization per token: how many active rows go on, whether every
+        # rank is done, and whether every rank's logits were finite (so all ranks stop together).
         going_on = ~finished[active]  # (n,)
-        # Every rank must be done, and every rank's logits finite (so all ranks stop together).
         flags = torch.stack([(~going_on).all(), finite]).int()  # (2,)
         if dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)

@@ -33,6 +33,12 @@ QUESTION_TYPE = "Modality Recognition"
 QUESTION_TYPES_OF_A_LESION = ("Lesion Grading", "Other Biological Attributes")
 
 
+def filters(data_dir: str, modalities: str, question_types: str) -> tuple[list, list]:
+    """The comma-separated filters as lists; the synthetic data defaults to QUESTION_TYPE."""
+    question_types = question_types or ("" if data_dir else QUESTION_TYPE)
+    return [m for m in modalities.split(",") if m], [q for q in question_types.split(",") if q]
+
+
 def dataset_root(data_dir: str, cache_dir: str) -> str:
     """--data, or the synthetic dataset in cache_dir, written once by rank 0."""
     if data_dir:

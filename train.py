@@ -11,7 +11,6 @@ advantages within each group -> one clipped, KL-regularised policy update
 Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion tokens.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -147,9 +146,7 @@ def resolve(cfg: Config, world: int) -> Config:
 def load_data(cfg) -> tuple[str, list[dict], list[dict]]:
     """The data root, and its training and held-out samples for the config's files and filters."""
     root = tiny.dataset_root(cfg.data, cfg.cache_dir)
-    question_types = cfg.question_types or ("" if cfg.data else tiny.QUESTION_TYPE)
-    modalities = [m for m in cfg.modalities.split(",") if m]
-    question_types = [q for q in question_types.split(",") if q]
+    modalities, question_types = tiny.filters(cfg.data, cfg.modalities, cfg.question_types)
     train, held_out = data.load_splits(root, modalities, question_types, cfg.train_split,
                                        cfg.test_split, cfg.drop_test_images, cfg.skip_bad_records,
                                        log=print0)
@@ -380,7 +377,7 @@ def main():
                         reference if cfg.ref_sync_every else None)
 
     def held_out_accuracy(step: int) -> float:
-        with named_step(step):
+        with common.named_step(step):
             results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
                                           max_new_tokens=cfg.max_new_tokens,
                                           image_size=cfg.image_size or None)
@@ -406,15 +403,15 @@ def main():
         if cfg.algo == "sft":
             metrics, example = sft_iteration(cfg, policy, optimizer, schedule, processor, samples)
         else:
-            with named_step(step):
+            with common.named_step(step):
                 metrics, example = grpo_iteration(cfg, policy, reference, optimizer, schedule,
                                                   processor, samples, decoding, sampling_rng)
             if cfg.ref_sync_every and step % cfg.ref_sync_every == 0:
                 modellib.sync_reference(policy, reference, cfg.ref_sync_alpha)
 
         # ---- log
-        logged = log_step(cfg, step, metrics, time.time() - start, schedule.get_last_lr()[0])
-        log.step(logged)
+        logged = log.step(step, metrics, time.time() - start, schedule.get_last_lr()[0],
+                          cfg.prompts_per_step * cfg.num_generations)
         if example and cfg.rollouts_every and step % cfg.rollouts_every == 0:
             log.write("rollouts", {"step": step, **example})
         progress.set_postfix(loss=f"{logged['loss']:.3f}")
@@ -439,31 +436,6 @@ def main():
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
     log.plot()
     common.finish_distributed()
-
-
-@contextlib.contextmanager
-def named_step(step: int):
-    """A sampler that met non-finite logits stops the run with a message naming the step."""
-    try:
-        yield
-    except FloatingPointError as error:
-        raise SystemExit(f"step {step}: {error}; lower --lr, or resume from an earlier "
-                         "checkpoint") from error
-
-
-def log_step(cfg, step: int, metrics: dict, step_s: float, lr: float) -> dict:
-    """The step's metrics over all ranks (means; extremes by min and max), with timings and lr."""
-    extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max",
-                "completion_len_max": "max"}
-    logged = {"step": step, **common.reduce_over_ranks(metrics, extremes), "lr": lr,
-              "step_s": step_s}
-    if "rollout_s" in logged:
-        logged["update_s"] = step_s - logged["rollout_s"]
-        # Sampled completion tokens per second of rollout, all ranks.
-        completions = cfg.prompts_per_step * cfg.num_generations
-        tokens = logged["completion_len"] * completions
-        logged["tokens_per_s"] = tokens / max(logged["rollout_s"], 1e-9)
-    return logged
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
+import common
 import data
 import inputs
 import model as modellib
@@ -165,7 +166,7 @@ def test_a_model_with_nan_weights_stops_sampling_with_a_clear_error(tiny, modali
             modellib.sample(model, prompts, 2, modellib.Decoding(4, temperature),
                             generator=torch.Generator().manual_seed(0))
     with pytest.raises(SystemExit, match="step 7: the model's logits are NaN"):
-        with train.named_step(7):
+        with common.named_step(7):
             modellib.sample(model, prompts, 2, modellib.Decoding(4), generator=torch.Generator())
 
 
