@@ -4,6 +4,7 @@ A checkpoint is a Hugging Face folder that from_pretrained loads, plus, for
 step-N checkpoints, trainer_state.pt: the optimizer and the loop's state.
 """
 
+import fcntl
 import hashlib
 import json
 import shutil
@@ -160,11 +161,35 @@ def resume_folder(resume: str, out: Path) -> str | None:
 
 # What a run writes into its output folder (besides its step-N checkpoints).
 RUN_FILES = ("metrics.jsonl", "rollouts.jsonl", "final", "tensorboard", "curves.png")
+_lock = None  # rank 0's open run.lock (see claim)
 
 
 def claim(out: Path, resume: str, overwrite: bool) -> None:
-    """Make out this run's folder: refuse one that holds another run unless it is resumed or
-    overwritten (then, on rank 0, that run's files are removed). Collective."""
+    """Make out this run's folder: refuse one that a live run holds, or that holds another run
+    unless it is resumed or overwritten (then, on rank 0, that run's files are removed).
+    Collective.
+
+    Rank 0 holds an exclusive lock on out/run.lock until its process ends, even
+    by kill -9, so two runs never write into one folder at once.
+    """
+    global _lock
+    problem = ""
+    if dist.get_rank() == 0:
+        if _lock is not None:  # an earlier run in this process (tests call main() twice)
+            _lock.close()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _lock = open(out / "run.lock", "w")
+            fcntl.flock(_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            problem = (f"--output_dir {out}: another run is writing there now; wait for it, or "
+                       "pass another --output_dir")
+        except OSError as error:
+            problem = f"--output_dir {out}: cannot write there ({error}); pass another --output_dir"
+    shared = [problem]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        raise SystemExit(shared[0])
     paths = [*(out / name for name in RUN_FILES), *out.glob("step-*")]
     held = [p.name for p in paths if p.exists()]
     if held and not resume and not overwrite:

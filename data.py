@@ -15,7 +15,10 @@ import json
 import os
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import torch.distributed as dist
 
 from PIL import Image
 
@@ -362,47 +365,60 @@ def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 
     return train, test
 
 
+def image_error(path: str) -> str | None:
+    """Why the image at path cannot be trained on, or None: it is decoded exactly as training will
+    decode it, so a file truncated after a valid header is caught here too."""
+    try:
+        # A FIFO or device would hang the open; a folder is no image either.
+        if not Path(path).is_file():
+            return "not a regular file" if Path(path).exists() else "no such file"
+        load_image(path)
+    except Exception as error:
+        return str(error) or type(error).__name__
+    return None
+
+
 def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
-    """Open every image's header once, before training: a missing or unreadable file raises
-    DataError naming the record (or, with an errors list, is recorded there and dropped)."""
-    bad = {}
+    """Decode every image once, before training: a bad one raises DataError naming its record (or,
+    with an errors list, is recorded there and its records dropped).
+
+    The images are shared out over the ranks and decoded on threads (PIL
+    decodes without the GIL); the verdicts are then gathered on every rank.
+    """
+    paths = sorted({s["image"] for s in samples})
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        mine = dict(zip(paths[rank::world], pool.map(image_error, paths[rank::world])))
+    verdicts = [mine] * world
+    if world > 1:
+        dist.all_gather_object(verdicts, mine)
+    bad = {path: error for verdict in verdicts for path, error in verdict.items() if error}
     for sample in samples:
         if sample["image"] in bad:
-            continue
-        try:
-            # A FIFO or device would hang the open; a folder is no image either.
-            if not Path(sample["image"]).is_file():
-                raise OSError("not a regular file" if Path(sample["image"]).exists() else
-                              "[Errno 2] No such file or directory")
-            with Image.open(sample["image"]) as image:
-                # The file's structure (PNG checksums), without decoding pixels.
-                image.verify()
-        except Exception as error:
-            bad[sample["image"]] = f"record {sample['id']!r}: image {sample['image']}: {error}"
+            message = f"record {sample['id']!r}: image {sample['image']}: {bad[sample['image']]}"
             if errors is None:
-                raise DataError(bad[sample["image"]] + "; fix or remove it, or pass "
-                                "--skip_bad_records true")
-            errors.append(bad[sample["image"]])
+                raise DataError(message + "; fix or remove it, or pass --skip_bad_records true")
+            errors.append(message)
     return [s for s in samples if s["image"] not in bad]
 
 
 def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_tokens: int,
-                         limit: int) -> None:
-    """Stop before training if a prompt (chat text and image tokens) is longer than limit (0: none).
+                         limits: dict[str, int]) -> None:
+    """Stop before training if a prompt (chat text and image tokens) is longer than a limit; limits
+    maps what each limit is (for the message) to its tokens (0: none).
 
     Prompts are never truncated: cutting through the image tokens would break
     the model's forward, cutting the options would change the question.
     """
-    if not limit:
-        return
     texts = [chat_text(tokenizer, s, mode) for s in samples]
     # The one <|image_pad|> of each chat text becomes visual_tokens of them.
     lengths = [len(ids) - 1 + visual_tokens for ids in tokenizer(texts)["input_ids"]]
-    too_long = [(s["id"], n) for s, n in zip(samples, lengths) if n > limit]
-    if too_long:
-        raise DataError(f"{len(too_long)} prompts exceed --max_prompt_tokens {limit}, e.g. record "
-                        f"{too_long[0][0]!r} with {too_long[0][1]} tokens: raise the limit, lower "
-                        "--image_size, or remove those records")
+    for what, limit in limits.items():
+        too_long = [(s["id"], n) for s, n in zip(samples, lengths) if limit and n > limit]
+        if too_long:
+            raise DataError(f"{len(too_long)} prompts are longer than {what} ({limit} tokens), e.g. "
+                            f"record {too_long[0][0]!r} with {too_long[0][1]} tokens: raise that "
+                            "limit, lower --image_size, or remove those records")
 
 
 # ---------------------------------------------------------------- collation
@@ -420,8 +436,7 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
     texts = [chat_text(processor.tokenizer, s, mode) for s in samples]
     images = []
     for s in samples:
-        # Decoding can still fail here, e.g. on a JPEG truncated after a valid header (which
-        # check_images, reading only the header, lets through).
+        # check_images decoded every image before training; a file changed since still fails here.
         try:
             images.append(load_image(s["image"], image_size))
         except Exception as error:

@@ -239,9 +239,13 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str
     processor = inputs.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
     tokens = inputs.visual_tokens(processor, cfg.image_size or None)
     print0(f"{checkpoint}: prompt mode {mode}, {tokens} visual tokens per image")
+    everything = [s for samples in sets.values() for s in samples]
+    positions = modellib.max_positions(checkpoint)
+    data.check_prompt_lengths(everything, processor.tokenizer, mode, tokens,
+                              {f"the model's {positions} positions less --max_new_tokens":
+                               positions - cfg.max_new_tokens})
     model = modellib.load_model(checkpoint).to(device)
     modellib.shard(model, bf16=device.type == "cuda")
-    everything = [s for samples in sets.values() for s in samples]
     results = evaluate(model, processor, everything, mode, device, cfg.batch_size,
                        cfg.max_new_tokens, cfg.image_size or None)
     by_column, start = {}, 0

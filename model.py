@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForImageTextToText, DynamicCache
+from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
 
 from inputs import PromptBatch
 
@@ -33,6 +33,12 @@ def end_token_ids(model, tokenizer) -> list[int]:
 def load_model(path, dtype=torch.float32):
     """A Qwen2-VL or Qwen2.5-VL model from a local Hugging Face folder; nothing is downloaded."""
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
+def max_positions(path) -> int:
+    """The language model's position limit, from the folder's config.json."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return config.get_text_config().max_position_embeddings
 
 
 # ---------------------------------------------------------------- distributed

@@ -327,8 +327,11 @@ def main():
     if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
                          "--max_pixels allows")
-    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode,
-                              tokens, cfg.max_prompt_tokens)
+    positions = modellib.max_positions(path)
+    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode, tokens,
+                              {"--max_prompt_tokens": cfg.max_prompt_tokens,
+                               f"the model's {positions} positions less --max_new_tokens":
+                               positions - cfg.max_new_tokens})
     # Shuffled, so that a subset of it keeps the letter balance.
     random.Random(cfg.seed).shuffle(held_out)
     held_out = held_out[:cfg.eval_size or None]

@@ -41,12 +41,17 @@ def mixed_root(tmp_path):
     (images / "garbage.png").write_bytes(b"this is not an image")
     Image.new("RGB", (64, 64)).save(images / "full.png")
     (images / "truncated.png").write_bytes((images / "full.png").read_bytes()[:-30])
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(images / "full.jpg")
+    # A valid header and half the pixels: opening and verify() pass, only decoding fails.
+    (images / "truncated.jpg").write_bytes((images / "full.jpg").read_bytes()[:3000])
     records = [good_record(i, f"Images/Mixed/{name}") for i, name in enumerate([*odd, *[f"plain{i}.png"
                                                                                          for i in range(6)]])]
     bad = {
         "missing-image": {"image_path": "Images/Mixed/nowhere.png"},
         "garbage-image": {"image_path": "Images/Mixed/garbage.png"},
         "truncated-image": {"image_path": "Images/Mixed/truncated.png"},
+        "truncated-jpeg": {"image_path": "Images/Mixed/truncated.jpg"},
         "escaping-path": {"image_path": "../../etc/passwd"},
         "one-option": {"option_B": ""},
         "answer-not-an-option": {"gt_answer": "X-Ray"},
@@ -72,8 +77,8 @@ def test_odd_images_are_converted_to_rgb_and_huge_ones_fit_the_budget(mixed_root
 
 
 @pytest.mark.parametrize("qid, message", [
-    ("missing-image", "No such file"), ("garbage-image", "cannot identify image"),
-    ("truncated-image", "truncated|broken|Truncated"), ("escaping-path", "leaves the dataset root"),
+    ("missing-image", "no such file"), ("garbage-image", "cannot identify image"),
+    ("truncated-image", "truncated|broken|Truncated"), ("truncated-jpeg", "truncated"), ("escaping-path", "leaves the dataset root"),
     ("one-option", "at least 2 options"), ("answer-not-an-option", "matches 0 options"),
     ("no-question", "missing field"),
 ])
@@ -87,12 +92,20 @@ def test_each_bad_record_stops_loading_with_a_message_naming_it(mixed_root, qid,
     assert qid in str(error.value)
 
 
+def test_a_jpeg_cut_after_its_header_passes_verify_but_not_the_check(mixed_root):
+    root, _ = mixed_root
+    with Image.open(root / "Images" / "Mixed" / "truncated.jpg") as image:
+        image.verify()  # the header-only check this project used to rely on
+    assert "truncated" in data.image_error(str(root / "Images" / "Mixed" / "truncated.jpg"))
+
+
 def test_skip_bad_records_trains_on_the_rest_and_counts_them(mixed_root, tiny_path, tmp_path):
     root, bad = mixed_root
     stopped = run_fail(["train.py", "--data", str(root), "--steps", "1", *SMALL, "--output_dir", str(tmp_path)])
     assert "Mixed.json, record 'escaping-path'" in stopped  # the first bad record in the file
+    # Two ranks: each decodes half of the images, and both must skip all the bad ones.
     out = run(["train.py", "--data", str(root), "--steps", "2", *SMALL, "--prompts_per_step", "2",
-               "--skip_bad_records", "true", "--output_dir", str(tmp_path)])
+               "--skip_bad_records", "true", "--output_dir", str(tmp_path)], nproc=2)
     assert f"skipped {len(bad)} bad records" in out
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
 

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import model as modellib
 import rewards
 import train
 from conftest import REPO
+from test_bad_input import run_fail
 from test_train import SMALL, metrics, run
 
 
@@ -126,13 +128,24 @@ def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_spl
     sample = modality_split[0][0]
     real_length = data.collate([sample], processor, "think-after").input_ids.shape[1]
     tokens = inputs.visual_tokens(processor, 384)
-    data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, real_length)
-    with pytest.raises(data.DataError, match=f"record {sample['id']!r} with {real_length} tokens"):
-        data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, real_length - 1)
+    limits = {"A": real_length, "B": 0}
+    data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, limits)
+    with pytest.raises(data.DataError, match=f"longer than A .*record {sample['id']!r} with {real_length} tokens"):
+        data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, {**limits, "A": real_length - 1})
 
 
-def test_when_one_rank_fails_both_exit(tiny_path, tmp_path):
-    """Rank 1 draws a JPEG whose header is fine but whose pixels are cut off; rank 0 must not wait forever."""
+def test_prompts_beyond_the_models_positions_stop_train_and_eval(tiny_path, tmp_path):
+    """The tiny model has 4096 positions: 4090 new tokens leave too few for any prompt."""
+    for args in (["train.py", "--output_dir", str(tmp_path)], ["eval.py", "--checkpoints", str(tiny_path)]):
+        stopped = subprocess.run([sys.executable, *args, "--max_new_tokens", "4090"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=300)
+        assert stopped.returncode != 0
+        assert "longer than the model's 4096 positions less --max_new_tokens (6 tokens)" in stopped.stderr
+
+
+def test_a_jpeg_cut_in_its_pixels_stops_two_ranks_before_training(tiny_path, tmp_path):
+    """Its header is fine, so only decoding finds it: the rank that decodes it tells the other,
+    and both stop with the message before any step (rank 0 must not wait forever)."""
     images = tmp_path / "Images" / "X"
     images.mkdir(parents=True)
     for name in ("a", "b", "c"):
@@ -153,7 +166,9 @@ def test_when_one_rank_fails_both_exit(tiny_path, tmp_path):
          "2", "--num_generations", "2", "--eval_every", "0", "--output_dir", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
-    assert "cut.jpg cannot be decoded" in done.stdout + done.stderr
+    assert "record 'CT(Computed Tomography)_train#1': image" in done.stdout + done.stderr
+    assert "cut.jpg: image file is truncated" in done.stdout + done.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_a_model_with_nan_weights_stops_sampling_with_a_clear_error(tiny, modality_split):
@@ -178,6 +193,27 @@ def test_a_second_run_in_a_folder_stops_unless_it_resumes_or_overwrites(tiny_pat
     assert "--overwrite true" in done.stderr and [m["step"] for m in metrics(tmp_path)] == [1, 2]
     run([*args, "--overwrite", "true"])
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]  # the old run's lines are gone
+
+
+def test_a_live_run_keeps_its_folder_until_killed_and_a_file_is_no_folder(tiny_path, tmp_path):
+    args = ["train.py", *SMALL, "--save_every", "1", "--output_dir", str(tmp_path / "run")]
+    live = subprocess.Popen([sys.executable, *args, "--steps", "10000"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.5)
+        for extra in ([], ["--resume", "auto"], ["--overwrite", "true"]):
+            stopped = run_fail([*args, "--steps", "3", *extra])
+            assert f"--output_dir {tmp_path / 'run'}: another run is writing there now" in stopped
+    finally:
+        live.kill()  # SIGKILL: no cleanup, the kernel drops the lock
+        live.wait()
+    assert "resumed from" in run([*args, "--steps", "3", "--resume", "auto"])
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        stopped = run_fail(["train.py", "--output_dir", str(out)])
+        assert f"--output_dir {out}: cannot write there" in stopped
 
 
 def test_resume_auto_passes_over_a_cut_checkpoint_and_logs_each_step_once(tiny_path, tmp_path):
