@@ -328,8 +328,8 @@ def main():
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
                          "--max_pixels allows")
     positions = modellib.max_positions(path)
-    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode, tokens,
-                              {"--max_prompt_tokens": cfg.max_prompt_tokens,
+    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode,
+                              tokens, {"--max_prompt_tokens": cfg.max_prompt_tokens,
                                f"the model's {positions} positions less --max_new_tokens":
                                positions - cfg.max_new_tokens})
     # Shuffled, so that a subset of it keeps the letter balance.
