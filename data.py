@@ -415,8 +415,8 @@ def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_token
         too_long = [(s["id"], n) for s, n in zip(samples, lengths) if limit and n > limit]
         if too_long:
             raise DataError(f"{len(too_long)} prompts are longer than {what} ({limit} tokens), "
-                            f"e.g. record {too_long[0][0]!r} with {too_long[0][1]} tokens: raise that "
-                            "limit, lower --image_size, or remove those records")
+                            f"e.g. record {too_long[0][0]!r} with {too_long[0][1]} tokens: raise "
+                            "that limit, lower --image_size, or remove those records")
 
 
 # ---------------------------------------------------------------- collation

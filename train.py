@@ -328,10 +328,11 @@ def main():
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
                          "--max_pixels allows")
     positions = modellib.max_positions(path)
+    limits = {"--max_prompt_tokens": cfg.max_prompt_tokens,
+              f"the model's {positions} positions less --max_new_tokens":
+              positions - cfg.max_new_tokens}
     data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode,
-                              tokens, {"--max_prompt_tokens": cfg.max_prompt_tokens,
-                               f"the model's {positions} positions less --max_new_tokens":
-                               positions - cfg.max_new_tokens})
+                              tokens, limits)
     # Shuffled, so that a subset of it keeps the letter balance.
     random.Random(cfg.seed).shuffle(held_out)
     held_out = held_out[:cfg.eval_size or None]
