@@ -4,6 +4,7 @@ A checkpoint is a Hugging Face folder that from_pretrained loads, plus, for
 step-N checkpoints, trainer_state.pt: the optimizer and the loop's state.
 """
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import lora
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict)
@@ -28,9 +31,17 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
     with weights_only=True) go to trainer_state.pt for an exact resume, with the
     reference model's weights when one is given (a refreshed reference is no
     longer the base model).
+
+    A model with LoRA adapters saves them in PEFT's format: a step-N folder
+    holds only them (and the rest of the state), folder/ of a final save holds
+    the merged model and folder/adapter/ the adapters.
     """
+    adapters = lora.has_adapters(model)
+    # The adapters alone train: a step-N checkpoint of them gathers nothing else.
+    only_adapters = adapters and optimizer is not None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=dataclasses.replace(
+        options, ignore_frozen_params=only_adapters))
     if optimizer is not None:
         trainer_state = {**trainer_state,
                          "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
@@ -43,8 +54,14 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
         model.generation_config.use_cache = True
         # A full disk shows as an OSError, or from torch.save as a RuntimeError ("unexpected pos").
         try:
-            model.save_pretrained(tmp, state_dict=state)
-            processor.save_pretrained(tmp)
+            if adapters:
+                lora.save_adapter(tmp if only_adapters else tmp / "adapter", state,
+                                  model.lora_config)
+                processor.save_pretrained(tmp if only_adapters else tmp / "adapter")
+            if not only_adapters:
+                merged = lora.merged(state, model.lora_config) if adapters else state
+                model.save_pretrained(tmp, state_dict=merged)
+                processor.save_pretrained(tmp)
             for name, content in extra.items():
                 (tmp / name).write_text(json.dumps(content, indent=1))
             if optimizer is not None:
@@ -121,9 +138,10 @@ def incomplete(folder: Path) -> str:
     """What makes a step-N folder unusable for a resume ("" if nothing): a missing file, or a
     weights or state file cut short (by a full disk, or a copy that stopped)."""
     weights = sorted(folder.glob("*.safetensors"))
-    for needed in ("config.json", "trainer_state.pt"):
-        if not (folder / needed).is_file():
-            return f"no {needed}"
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
+        return "no config.json or adapter_config.json"
+    if not (folder / "trainer_state.pt").is_file():
+        return "no trainer_state.pt"
     if not weights:
         return "no *.safetensors"
     if not zipfile.is_zipfile(folder / "trainer_state.pt"):

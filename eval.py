@@ -138,7 +138,7 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
 class EvalConfig:
     """Greedy accuracy of checkpoints on test sets, one column per test set."""
 
-    checkpoints: str = "runs/tiny/final"  # comma-separated model folders: one row each
+    checkpoints: str = "runs/tiny/final"  # comma-separated model or LoRA folders: one row each
     split_files: str = ""  # comma-separated Med-R1 split files, one column each; empty = --data's
     data: str = ""  # OmniMedVQA root (the split files' images too); empty = the synthetic data
     cache_dir: str = ".cache"  # where the synthetic dataset lives
@@ -169,9 +169,9 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
     """Every flag checked up front, and every checkpoint found, before any model is evaluated."""
     common.check_flags(cfg, LIMITS)
     for checkpoint in cfg.checkpoints.split(","):
-        if not (Path(checkpoint) / "config.json").exists():
-            raise SystemExit(f"--checkpoints: {checkpoint!r} is not a model folder "
-                             "(no config.json)")
+        if not any((Path(checkpoint) / f).exists() for f in ("config.json", "adapter_config.json")):
+            raise SystemExit(f"--checkpoints: {checkpoint!r} is not a model or adapter folder "
+                             "(no config.json or adapter_config.json)")
     return cfg
 
 

@@ -30,6 +30,7 @@ import data
 import inputs
 import eval as evaluation
 import grpo
+import lora
 import model as modellib
 import rewards
 import tiny
@@ -78,6 +79,13 @@ class Config:
     dtype: str = "auto"  # bf16 or fp32 compute (fp32 master weights); auto = bf16 on CUDA
     compile_decode: bool = False  # torch.compile the rollout's one-token forward
     grad_checkpointing: bool = False  # recompute decoder layers in backward: less memory
+    # what trains
+    lora_rank: int = 0  # > 0: only rank-r adapters on the language model train (LoRA); 0 = all
+    lora_alpha: float = 0.0  # the adapters' scale is alpha / rank; 0 = 2 x rank
+    lora_dropout: float = 0.0  # on the adapters' input (SFT recipes: 0.05; it blurs GRPO's ratio)
+    lora_targets: str = lora.TARGETS  # the language model's linears that get adapters
+    freeze_vision_tower: bool = False  # the vision encoder does not train (always, with LoRA)
+    freeze_projector: bool = False  # the merger into the language model does not train (idem)
     hybrid_shard: bool = False  # multi-node: shard within each node, replicate across nodes
     # images
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep
@@ -117,7 +125,8 @@ LIMITS = {
     "eval_size": common.AT_LEAST_0,
     "save_every": common.AT_LEAST_0, "keep_checkpoints": common.AT_LEAST_1,
     "max_skipped_steps": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
-    "max_prompt_tokens": common.AT_LEAST_0,
+    "max_prompt_tokens": common.AT_LEAST_0, "lora_rank": common.AT_LEAST_0,
+    "lora_alpha": common.AT_LEAST_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -137,6 +146,12 @@ def resolve(cfg: Config, world: int) -> Config:
         raise SystemExit("--num_generations must be at least 2: advantages are relative to a group")
     if cfg.ref_sync_every and not (cfg.beta > 0 and cfg.algo == "grpo"):
         raise SystemExit("--ref_sync_every needs a reference: --beta above 0 and --algo grpo")
+    if cfg.ref_sync_every and cfg.lora_rank:
+        raise SystemExit("--ref_sync_every needs a reference of its own: with --lora_rank the "
+                         "reference is the base model (the adapters switched off)")
+    if cfg.lora_rank:
+        cfg.lora_alpha = cfg.lora_alpha or 2 * cfg.lora_rank
+        cfg.freeze_vision_tower = cfg.freeze_projector = True
     if cfg.minibatches > cfg.prompts_per_step:
         raise SystemExit(f"--minibatches {cfg.minibatches} exceeds --prompts_per_step "
                          f"{cfg.prompts_per_step}")
@@ -154,13 +169,23 @@ def load_data(cfg) -> tuple[str, list[dict], list[dict]]:
 
 
 def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple:
-    """The policy (from policy_path when resuming) and, only when beta > 0, a frozen reference."""
-    policy = modellib.load_model(policy_path or path).to(device)
+    """The policy (from policy_path when resuming) and, only when beta > 0, a frozen reference:
+    with LoRA the policy itself, whose adapters update_policy switches off."""
+    policy = modellib.load_model(policy_path or path)
+    if cfg.lora_rank and not policy_path:
+        lora.add_adapters(policy, str(Path(path).resolve()), cfg.lora_rank, cfg.lora_alpha,
+                          cfg.lora_dropout, lora.target_pattern(cfg.lora_targets))
+    for name, param in policy.model.visual.named_parameters():
+        if cfg.freeze_projector if name.startswith("merger.") else cfg.freeze_vision_tower:
+            param.requires_grad_(False)
+    policy.to(device)
     if cfg.grad_checkpointing:
         modellib.enable_grad_checkpointing(policy)
     modellib.shard(policy, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
     reference = None
-    if cfg.beta != 0 and cfg.algo == "grpo":
+    if cfg.beta != 0 and cfg.algo == "grpo" and cfg.lora_rank:
+        reference = policy
+    elif cfg.beta != 0 and cfg.algo == "grpo":
         # The reference never trains, so it is stored in the compute dtype (bf16 halves its memory).
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         reference = modellib.load_model(path, dtype).to(device).requires_grad_(False)
@@ -244,7 +269,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         # collectives must match on every rank).
         ref_rows = rows if len(rows) else torch.arange(G)
         ref_logprobs = torch.zeros_like(rollout.logprobs)  # (N, T)
-        with torch.no_grad():
+        with torch.no_grad(), lora.adapters_off(reference):
             ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
 
     # With one update per rollout the old policy is the current one: ratio exactly 1.
@@ -346,7 +371,8 @@ def main():
     decoding = modellib.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens,
                                      cfg.temperature, cfg.top_p, cfg.top_k)
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: 1 - k / (cfg.steps * updates_per_step))
     # Every rank walks the same shuffled order and takes its slice of each step's prompts.

@@ -25,7 +25,8 @@ from test_bad_input import run_fail
 from test_train import SMALL, metrics, run
 
 
-@pytest.mark.parametrize("switches", [[], ["--ref_sync_every", "2"]], ids=["frozen-ref", "refreshed-ref"])
+@pytest.mark.parametrize("switches", [[], ["--ref_sync_every", "2"], ["--lora_rank", "4"]],
+                         ids=["frozen-ref", "refreshed-ref", "lora"])
 def test_resume_gives_the_same_weights_and_completions_as_training_straight(tiny_path, tmp_path, switches):
     args = ["train.py", "--steps", "6", "--save_every", "3", *SMALL, *switches]
     run([*args, "--output_dir", str(tmp_path / "straight")])

@@ -38,7 +38,8 @@ SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations
             "--grad_checkpointing", "true"]
 
 
-@pytest.mark.parametrize("switches", [[], SWITCHES], ids=["medr1", "dapo-and-friends"])
+@pytest.mark.parametrize("switches", [[], SWITCHES, ["--lora_rank", "4", "--num_iterations", "2"]],
+                         ids=["medr1", "dapo-and-friends", "lora"])
 def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
     """Same prompts, same samples, same losses and weights: FSDP2 over gloo changes nothing."""
     # lr 1e-4: Adam turns rounding noise in near-zero gradients into steps of up to
