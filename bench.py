@@ -49,6 +49,7 @@ class BenchConfig:
     model: str = ""  # a local Qwen2-VL folder; empty = the embedded tiny model
     compile_decode: bool = False  # our side: torch.compile the decode step
     grad_checkpointing: bool = False  # our side: recompute decoder layers in the backward pass
+    lora_rank: int = 16  # the "ours + LoRA" row: adapters of this rank (0: no such row)
     run: str = ""  # internal: ours or trl, to run one side in a child process
     scaling: bool = True  # also print the table of our step time against G, length and image size
 
@@ -77,9 +78,11 @@ def ours(cfg: BenchConfig) -> dict:
     train_cfg = train.Config(num_generations=cfg.generations, prompts_per_step=cfg.prompts, lr=5e-4,
                              max_new_tokens=cfg.completion_tokens, dtype=cfg.dtype,
                              image_size=cfg.image_size, grad_checkpointing=cfg.grad_checkpointing,
-                             compile_decode=cfg.compile_decode)
+                             compile_decode=cfg.compile_decode, lora_rank=cfg.lora_rank)
+    train.resolve(train_cfg, world=1)
     policy, reference = train.load_models(train_cfg, path, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-4, weight_decay=0.0)
+    trained = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     # No end token: every completion runs to completion_tokens, as on TRL's side.
     decoding = modellib.Decoding(cfg.completion_tokens)
@@ -193,7 +196,9 @@ def main():
     print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} tokens each, "
           f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, "
           f"median of {cfg.steps} steps after {cfg.warmup} warm-up\n")
-    rows = {"ours": child(cfg, "ours")}
+    rows = {"ours": child(cfg, "ours", lora_rank=0)}
+    if cfg.lora_rank:
+        rows[f"ours + LoRA r={cfg.lora_rank} (no reference copy)"] = child(cfg, "ours")
     if cfg.dtype != "fp32" or cfg.model:
         print("TRL's row runs only on the tiny model in fp32\n")
     elif importlib.util.find_spec("trl"):
@@ -216,7 +221,7 @@ def main():
     for name, values in [("generations", [2, 4, 8, 16]), ("completion_tokens", [16, 64, 256]),
                          ("image_size", [56, 224, 448])]:
         for value in values:
-            row = child(cfg, "ours", **{name: value})
+            row = child(cfg, "ours", lora_rank=0, **{name: value})
             if row:
                 print(f"| {name} = {value} | {row['step_s']:.3f} | {row['prefill_s']:.3f} |")
 

@@ -80,7 +80,8 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
 
 # Flags that may change on a resume without changing what is trained.
 BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "steps", "epochs", "eval_every",
-               "eval_size", "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps"}
+               "eval_size", "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps",
+               "report_to"}
 
 
 def fingerprint(samples: list[dict]) -> str:
@@ -178,7 +179,7 @@ def resume_folder(resume: str, out: Path) -> str | None:
 
 
 # What a run writes into its output folder (besides its step-N checkpoints).
-RUN_FILES = ("metrics.jsonl", "rollouts.jsonl", "final", "tensorboard", "curves.png")
+RUN_FILES = ("metrics.jsonl", "rollouts.jsonl", "final", "tensorboard", "wandb", "curves.png")
 _lock = None  # rank 0's open run.lock (see claim)
 
 

@@ -136,23 +136,30 @@ def gather_rows(values: torch.Tensor) -> torch.Tensor:
 
 
 class Log:
-    """A run's records on rank 0: metrics.jsonl, rollouts.jsonl, TensorBoard (when installed), the
-    one-line summary of each step and curves.png. On every other rank each method does nothing."""
+    """A run's records on rank 0: metrics.jsonl, rollouts.jsonl, TensorBoard (when installed),
+    Weights & Biases (with a config to log), the one-line summary of each step and curves.png.
+    On every other rank each method does nothing."""
 
-    def __init__(self, out: Path, reward_names: list[str]):
+    def __init__(self, out: Path, reward_names: list[str], wandb_config: dict | None = None):
         self.active = dist.get_rank() == 0
-        self.out, self.reward_names, self.recent = out, reward_names, []
+        self.out, self.reward_names, self.recent, self.wandb = out, reward_names, [], None
         if self.active:
             out.mkdir(parents=True, exist_ok=True)
             self.files = {name: open(out / f"{name}.jsonl", "a")
                           for name in ("metrics", "rollouts")}
             self.tensorboard = tensorboard_writer(out)
+            if wandb_config is not None:
+                self.wandb = wandb_run(out, wandb_config)
 
     def write(self, name: str, record: dict) -> None:
-        """One line of record in name.jsonl."""
+        """One line of record in name.jsonl (and rollouts as a table in W&B)."""
         if self.active:
             self.files[name].write(json.dumps(record) + "\n")
             self.files[name].flush()
+        if self.wandb and name == "rollouts":
+            rows = [[c, sum(r)] for c, r in zip(record["completions"], record["rewards"])]
+            table = self.wandb.Table(columns=["completion", "reward"], data=rows)
+            self.wandb.log({"rollouts": table}, step=record["step"])
 
     def step(self, step: int, metrics: dict, step_s: float, lr: float, completions: int) -> dict:
         """A step's metrics over all ranks (means; extremes by min and max; a collective), with
@@ -171,6 +178,8 @@ class Log:
         self.write("metrics", logged)
         for key, value in logged.items() if self.tensorboard else ():
             self.tensorboard.add_scalar(key, value, logged["step"])
+        if self.wandb:
+            self.wandb.log(logged, step=step)
         print0(self.summary(logged))
         self.recent = (self.recent + [logged])[-10:]
         if logged["step"] % 10 == 0 and "truncated" in logged:
@@ -196,8 +205,11 @@ class Log:
                 f"len {m['completion_len']:.1f} zero-std {m['zero_std_groups']:.2f} "
                 f"letters {letters} {m['step_s']:.2f}s")
 
-    def plot(self) -> None:
-        """curves.png: reward, accuracy, completion length and loss per step (needs matplotlib)."""
+    def finish(self) -> None:
+        """curves.png: reward, accuracy, completion length and loss per step (needs matplotlib);
+        the W&B run ends."""
+        if self.wandb:
+            self.wandb.finish()
         plt = pyplot("curves.png") if self.active else None
         if plt is None:
             return
@@ -223,6 +235,17 @@ def named_step(step: int):
     except FloatingPointError as error:
         raise SystemExit(f"step {step}: {error}; lower --lr, or resume from an earlier "
                          "checkpoint") from error
+
+
+def wandb_run(out: Path, config: dict):
+    """The wandb module with a run started in out/wandb (WANDB_MODE=offline needs no network)."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("--report_to wandb: pip install wandb (an optional extra)") from None
+    wandb.init(project=os.environ.get("WANDB_PROJECT", "med-r1-grpo"), name=out.name,
+               dir=out, config=config)
+    return wandb
 
 
 def tensorboard_writer(out: Path):

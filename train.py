@@ -101,6 +101,7 @@ class Config:
     overwrite: bool = False  # replace the run already in output_dir (else: stop, or --resume)
     max_skipped_steps: int = 5  # non-finite updates are skipped; this many in a row stop the run
     rollouts_every: int = 10  # write one prompt's completions to rollouts.jsonl every N steps
+    report_to: str = ""  # wandb: also log to Weights & Biases (pip install wandb; offline works)
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
     max_prompt_tokens: int = 0  # stop before training if a prompt is longer (0 = no limit)
     seed: int = 0  # data order, sampling and the tiny model's build
@@ -127,6 +128,7 @@ LIMITS = {
     "max_skipped_steps": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
     "max_prompt_tokens": common.AT_LEAST_0, "lora_rank": common.AT_LEAST_0,
     "lora_alpha": common.AT_LEAST_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "report_to": common.one_of("", "wandb"),
 }
 
 
@@ -395,7 +397,8 @@ def main():
     described = {"train_config.json": dataclasses.asdict(cfg),
                  "training_data.json": data.training_record(train_samples, root)}
     checkpoint.truncate_logs(out, start_step)
-    log = common.Log(out, cfg.rewards.split(","))
+    log = common.Log(out, cfg.rewards.split(","),
+                     dataclasses.asdict(cfg) if cfg.report_to == "wandb" else None)
 
     def save(step: int, folder: Path) -> None:
         state = {"step": step, "schedule": schedule.state_dict(), "world": world,
@@ -464,7 +467,7 @@ def main():
     checkpoint.save(policy, processor, out / "final", described)
     print0(f"held-out accuracy: base {base_accuracy:.3f} -> final {final_accuracy:.3f} "
            f"({(final_accuracy - base_accuracy) * 100:+.1f} points); checkpoint in {out / 'final'}")
-    log.plot()
+    log.finish()
     common.finish_distributed()
 
 

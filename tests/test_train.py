@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -71,6 +72,9 @@ def test_evaluation_is_the_same_on_two_ranks_and_any_batch_size(tiny_path, tmp_p
         results.append(json.loads((tmp_path / "eval_results.json").read_text())["tiny-qwen2-vl"])
     assert results[0]["overall"]["questions"] == 8 * 5
     assert results[0] == results[1] == results[2]
+    # matplotlib is in requirements.txt: the heatmap is drawn.
+    with Image.open(tmp_path / "accuracy.png") as heatmap:
+        assert heatmap.size[0] > 100
 
 
 def test_a_few_dozen_grpo_steps_raise_the_reward(tiny_path, tmp_path):
@@ -80,6 +84,8 @@ def test_a_few_dozen_grpo_steps_raise_the_reward(tiny_path, tmp_path):
     accuracy = [m["reward_accuracy"] for m in metrics(tmp_path)]
     base, last = accuracy[0], sum(accuracy[-5:]) / 5  # step 1's completions come from the base
     assert last > base + 0.5 * (1 - base), (base, last)  # at least half the way from the base to perfect
+    with Image.open(tmp_path / "curves.png") as curves:
+        assert curves.size[0] > 100
 
 
 def test_unknown_flag_is_refused_with_the_list_of_flags(capsys):
@@ -304,3 +310,47 @@ def test_epochs_set_the_number_of_steps_from_the_training_size(tiny_path, tmp_pa
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
     config = json.loads((tmp_path / "final" / "train_config.json").read_text())
     assert (config["steps"], config["epochs"], config["top_k"]) == (4, 0.01, 5)
+
+
+def wandb_history(run_file) -> list[dict]:
+    """The logged rows of an offline W&B run file, read without wandb's code: a 7-byte file
+    header, then LevelDB's log format (32 KiB blocks of records, each with a 7-byte header: crc,
+    length, kind; a record split over blocks is FIRST, MIDDLE..., LAST), each a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw = run_file.read_bytes()
+    assert raw[:4] == b":W&B"
+    rows, position, pending = [], 7, b""
+    while position + 7 <= len(raw):
+        left = 32768 - position % 32768
+        length, kind = int.from_bytes(raw[position + 4:position + 6], "little"), raw[position + 6]
+        if left < 7 or kind == 0:  # the end of a block is zero padding
+            position += left
+            continue
+        pending += raw[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.HasField("history"):
+                rows.append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_logs_the_numbers_of_metrics_jsonl_and_the_rollouts(tiny_path, tmp_path):
+    pytest.importorskip("wandb")  # in the test install (README); an optional extra otherwise
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run([sys.executable, "train.py", "--steps", "3", "--rollouts_every", "2", "--report_to",
+                           "wandb", *SMALL, "--output_dir", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = {row["_step"]: row for row in wandb_history(run_file) if "loss" in row}
+    for expected in metrics(tmp_path):
+        for key, value in expected.items():
+            assert logged[expected["step"]][key] == pytest.approx(value, rel=1e-6), key
+    [table] = (tmp_path / "wandb").glob("offline-run-*/files/media/table/rollouts_2_*.table.json")
+    rollout = json.loads((tmp_path / "rollouts.jsonl").read_text().splitlines()[0])
+    assert json.loads(table.read_text())["data"] == [[c, sum(r)] for c, r in zip(rollout["completions"],
+                                                                                   rollout["rewards"])]
