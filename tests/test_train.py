@@ -139,7 +139,7 @@ def test_eval_refuses_a_bad_flag_and_a_missing_checkpoint_before_evaluating(tiny
 
     for changes, message in [({"columns": "bogus"}, "--columns 'bogus'"),
                              ({"max_samples": -1}, "--max_samples -1"), ({"batch_size": 0}, "--batch_size 0"),
-                             ({"checkpoints": f"{tiny_path},{tmp_path / 'nope'}"}, "nope' is not a model folder")]:
+                             ({"checkpoints": f"{tiny_path},{tmp_path / 'nope'}"}, "nope' is not a model or adapter folder")]:
         with pytest.raises(SystemExit, match=message):
             evaluation.resolve(evaluation.EvalConfig(**changes))
 
