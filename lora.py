@@ -116,6 +116,13 @@ def save_adapter(folder: Path, state: dict, config: dict) -> None:
     save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
+def base_of(folder) -> str | None:
+    """The base model folder that an adapter folder's adapter_config.json names (None: no adapter
+    folder)."""
+    config = Path(folder) / "adapter_config.json"
+    return json.loads(config.read_text())["base_model_name_or_path"] if config.exists() else None
+
+
 def load_adapter(model: nn.Module, folder: Path) -> nn.Module:
     """model (the base) with the adapters of a PEFT LoRA folder added and loaded."""
     config = json.loads((Path(folder) / "adapter_config.json").read_text())

@@ -5,10 +5,8 @@ T completion tokens, V vocabulary.
 """
 
 import functools
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,19 +34,14 @@ def end_token_ids(model, tokenizer) -> list[int]:
 def load_model(path, dtype=torch.float32):
     """A Qwen2-VL or Qwen2.5-VL model from a local Hugging Face folder, or from a LoRA adapter
     folder (PEFT's format) on the base model it names; nothing is downloaded."""
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.exists():
-        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+    if base := lora.base_of(path):
         return lora.load_adapter(load_model(base, dtype), path)
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
 
 
 def max_positions(path) -> int:
     """The language model's position limit, from the folder's (or adapter's base's) config.json."""
-    adapter = Path(path) / "adapter_config.json"
-    if adapter.exists():
-        path = json.loads(adapter.read_text())["base_model_name_or_path"]
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = AutoConfig.from_pretrained(lora.base_of(path) or path, local_files_only=True)
     return config.get_text_config().max_position_embeddings
 
 
