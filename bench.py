@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 import common
 import data
+import sources
 import inputs
 import model as modellib
 import rewards
@@ -56,7 +57,7 @@ class BenchConfig:
 
 def bench_samples(cfg: BenchConfig) -> list[dict]:
     root = tiny.dataset_root("", ".cache")
-    samples = data.load_omnimedvqa(root, question_types=[tiny.QUESTION_TYPE])
+    samples = sources.load_omnimedvqa(root, question_types=[tiny.QUESTION_TYPE])
     return samples[:cfg.prompts * (cfg.steps + cfg.warmup)]
 
 
@@ -133,7 +134,7 @@ def trl(cfg: BenchConfig) -> dict:
     dataset = Dataset.from_list([{
         "prompt": [{"role": "user", "content": [
             {"type": "image"}, {"type": "text", "text": data.build_prompt(s, "think-after")}]}],
-        "image": inputs.load_image(s["image"], cfg.image_size), "sample": json.dumps(s)}
+        "image": inputs.load_image(s["images"][0], cfg.image_size), "sample": json.dumps(s)}
         for s in samples])
 
     def reward(name):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import common
 import data
+import sources
 import inputs
 import model as modellib
 import rewards
@@ -43,6 +44,14 @@ SCORERS = [
     "accuracy_medr1_raw",  # Med-R1's evaluation of no-think and zero-shot: the output is the letter
     "accuracy_medr1_reward",  # Med-R1's training reward: the first one-line tag, or the output
 ]
+# Questions without options are also scored as the medical VQA papers report them: closed ones
+# by accuracy, open ones by exact match and token recall and F1 (rewards.py states the
+# normalisation), each averaged over the questions of its answer type only.
+# summary key -> (answer type, rewards.REWARDS name)
+FREE_SCORES = {"closed_accuracy": ("closed", "closed_accuracy"),
+               "open_exact_match": ("open", "exact_match"),
+               "open_token_recall": ("open", "token_recall"),
+               "open_token_f1": ("open", "token_f1")}
 POOLED = "pooled"  # the key of a row's summary over every question
 
 
@@ -66,40 +75,77 @@ def evaluate(model, processor, samples: list[dict], mode: str, device, batch_siz
         batch = [samples[i] for i in indices or [0]]
         prompts = data.collate(batch, processor, mode, image_size).to(device)
         texts = modellib.decode(processor.tokenizer, modellib.sample(model, prompts, 1, greedy))
-        for i, text, scores in zip(indices, texts, rewards.score(texts, batch, SCORERS, mode)):
+        names = SCORERS + sorted({name for _, name in FREE_SCORES.values()})
+        for i, text, scores in zip(indices, texts, rewards.score(texts, batch, names, mode)):
+            sample = samples[i]
             think = re.search(r"<think>(.*?)</think>", text, re.DOTALL)
-            results.append({"index": i, "id": samples[i]["id"], "completion": text,
-                            "choice": rewards.extract_choice(text, samples[i]["options"]),
+            # What the answer says: the option letter chosen, or the free text (None: none).
+            answer = (rewards.extract_choice(text, sample["options"]) if sample["options"] else
+                      rewards.answer_text(text) or None)
+            results.append({"index": i, "id": sample["id"], "completion": text,
+                            "answer_type": sample["answer_type"], "answer": answer,
                             "rationale_chars": len(think.group(1)) if think else 0,
-                            **dict(zip(SCORERS, scores))})
+                            **dict(zip(names, scores))})
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     return sorted((r for part in everyone for r in part), key=lambda r: r["index"])
 
 
 def summarize(results: list[dict]) -> dict:
-    """Each scorer's accuracy, the parse-failure rate and the mean rationale length of results."""
+    """Each scorer's accuracy, the parse-failure rate and the mean rationale length of results;
+    the closed and open scores over those questions alone (None where there are none)."""
     n = max(len(results), 1)
-    return {
+    summary = {
         **{name: sum(r[name] for r in results) / n for name in SCORERS},
-        "parse_failures": sum(r["choice"] is None for r in results) / n,
+        "parse_failures": sum(r["answer"] is None for r in results) / n,
         "rationale_chars": sum(r["rationale_chars"] for r in results) / n,
         "questions": len(results),
     }
+    for kind in ("closed", "open"):
+        summary[f"{kind}_questions"] = sum(r["answer_type"] == kind for r in results)
+    for key, (kind, name) in FREE_SCORES.items():
+        scores = [r[name] for r in results if r["answer_type"] == kind]
+        summary[key] = sum(scores) / len(scores) if scores else None
+    return summary
+
+
+def percent(summary: dict, key: str) -> float:
+    """summary[key] in percent; nan where it is not defined (None: no question of its kind)."""
+    value = summary.get(key)
+    return math.nan if value is None else value * 100
+
+
+def matrix(rows: dict, columns: list[str], key: str) -> dict[str, list[float]]:
+    """rows: name -> {column or POOLED: summary} -> name -> summary[key] in percent for each
+    column, then their average, then the pooled value; nan where not defined.
+
+    "average" is the unweighted mean over the columns (the paper's average
+    accuracy) that have questions the key scores (closed_accuracy: those with
+    closed questions); a row without a value in one of them has none.
+    "pooled" is over every question, so big test sets weigh more.
+    """
+    counted = [c for c in columns if any(not math.isnan(percent(by_column[c], key))
+                                         for by_column in rows.values())]
+    table = {}
+    for name, by_column in rows.items():
+        values = [percent(by_column[c], key) for c in columns]
+        average = (sum(percent(by_column[c], key) for c in counted) / len(counted) if counted
+                   else math.nan)
+        table[name] = values + [average, percent(by_column[POOLED], key)]
+    return table
+
+
+def cell(value: float) -> str:
+    """A percentage with two decimals, or "n/a"."""
+    return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
 def matrix_markdown(rows: dict, columns: list[str], key: str) -> str:
-    """rows: name -> {column or POOLED: summary}; a markdown table of summary[key] in percent.
-
-    "average" is the unweighted mean over the columns (the paper's average
-    accuracy); "pooled" is over every question, so big test sets weigh more.
-    """
+    """A markdown table of matrix(rows, columns, key)."""
     lines = ["| trained on \\ tested on | " + " | ".join(columns) + " | average | pooled |",
              "|---" * (len(columns) + 3) + "|"]
-    for name, by_column in rows.items():
-        values = [by_column[c][key] * 100 for c in columns]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) +
-                     f" | {sum(values) / len(values):.2f} | {by_column[POOLED][key] * 100:.2f} |")
+    for name, values in matrix(rows, columns, key).items():
+        lines.append(f"| {name} | " + " | ".join(map(cell, values)) + " |")
     return "\n".join(lines)
 
 
@@ -111,21 +157,19 @@ def write_tables(rows: dict, columns: list[str], keys: list[str], folder: Path) 
     with open(folder / "accuracy.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trained_on", *columns, "average", "pooled"])
-        for name, by_column in rows.items():
-            values = [by_column[c]["accuracy"] * 100 for c in columns]
-            values += [sum(values) / len(values), by_column[POOLED]["accuracy"] * 100]
-            writer.writerow([name, *[f"{v:.2f}" for v in values]])
+        for name, values in matrix(rows, columns, "accuracy").items():
+            writer.writerow([name, *[cell(v).replace("n/a", "") for v in values]])
     plt = common.pyplot("accuracy.png")
     if plt is None:
         return
-    values = [[rows[name][c]["accuracy"] * 100 for c in columns] for name in rows]
+    values = [row[:len(columns)] for row in matrix(rows, columns, "accuracy").values()]
     fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 3, 0.6 * len(rows) + 2))
     image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), list(rows))
     for i, row in enumerate(values):
         for j, value in enumerate(row):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center",
+            ax.text(j, i, cell(value), ha="center", va="center",
                     color="white" if value < 60 else "black")
     ax.set_xlabel("tested on")
     ax.set_ylabel("trained on")
@@ -139,9 +183,9 @@ class EvalConfig:
     """Greedy accuracy of checkpoints on test sets, one column per test set."""
 
     checkpoints: str = "runs/tiny/final"  # comma-separated model or LoRA folders: one row each
-    split_files: str = ""  # comma-separated Med-R1 split files, one column each; empty = --data's
-    data: str = ""  # OmniMedVQA root (the split files' images too); empty = the synthetic data
-    cache_dir: str = ".cache"  # where the synthetic dataset lives
+    split_files: str = ""  # test sets, one column each: [name=]file[+file...],...; empty = --data's
+    data: str = ""  # OmniMedVQA root (Med-R1 split files' images too); empty = the synthetic data
+    cache_dir: str = ".cache"  # the synthetic dataset; images from parquet files go to images/
     modalities: str = ""  # comma-separated Med-R1 modality names; empty = all
     question_types: str = ""  # comma-separated; empty = all (synthetic data: Modality Recognition)
     columns: str = "modality"  # without split files, one column per modality or question_type
@@ -156,8 +200,8 @@ class EvalConfig:
 
 
 LIMITS = {
-    "modalities": common.names_in(data.MODALITIES),
-    "question_types": common.names_in(data.QUESTION_TYPES),
+    "modalities": common.names_in(sources.MODALITIES),
+    "question_types": common.names_in(sources.QUESTION_TYPES),
     "columns": common.one_of("modality", "question_type"),
     "prompt_mode": common.one_of("", *rewards.MODES), "image_size": common.AT_LEAST_0,
     "max_pixels": common.AT_LEAST_0, "batch_size": common.AT_LEAST_1,
@@ -176,16 +220,13 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
 
 
 def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
-    """Column -> samples: one per split file, or the held-out side by modality or question type."""
+    """Column -> samples: one per test set, or the held-out side by modality or question type."""
     sets = {}
     if cfg.split_files:
         errors = [] if cfg.skip_bad_records else None
-        for path in cfg.split_files.split(","):
-            samples = data.load_medr1_split(path, image_root=root)
-            column = samples[0]["modality"] or samples[0]["question_type"]
-            if column in sets:
-                raise data.DataError(f"{path} is a second test file for column {column!r}: pass "
-                                     "one file per modality or question type")
+        for column, files in sources.read_spec(cfg.split_files).items():
+            samples = [s for path in files
+                       for s in sources.load_file(path, root, cfg.cache_dir, errors)]
             sets[column] = data.check_images(samples, errors)
         if errors:
             print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")
@@ -219,16 +260,26 @@ def seen_in_training(checkpoint: Path, samples: list[dict], root: str) -> dict:
 
 
 def scorers_markdown(rows: dict, columns: list[str]) -> str:
-    """One line per row: each scorer's unweighted mean over the columns, parse failures and the
-    mean rationale length."""
+    """One line per row: each scorer's average over the columns (as in matrix), parse failures
+    and the mean rationale length."""
     keys = [*SCORERS, "parse_failures"]
+    averages = {key: matrix(rows, columns, key) for key in keys}
     lines = ["| row | " + " | ".join(keys) + " | rationale chars |", "|---" * (len(keys) + 2) + "|"]
     for name, by_column in rows.items():
-        means = [sum(by_column[c][key] for c in columns) / len(columns) for key in keys]
         rationale = sum(by_column[c]["rationale_chars"] for c in columns) / len(columns)
-        cells = [f"{100 * v:.2f}" for v in means] + [f"{rationale:.0f}"]
+        cells = [cell(averages[key][name][len(columns)]) for key in keys] + [f"{rationale:.0f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def chance(samples: list[dict]) -> dict:
+    """The random-guess row's summary: picking an option (or yes or no) uniformly at random has
+    an exact expected accuracy, the same for every scorer; None where it is not defined."""
+    closed = [s for s in samples if s["answer_type"] == "closed"]
+    return {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
+            "parse_failures": 0.0, "rationale_chars": 0.0,
+            **dict.fromkeys(FREE_SCORES), "closed_accuracy":
+            data.random_guess_accuracy(closed) if closed else None}
 
 
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str, device) -> dict:
@@ -267,11 +318,9 @@ def main():
     root = tiny.dataset_root(cfg.data, cfg.cache_dir)
     sets = test_sets(cfg, root)
     columns = list(sets)
-    # Picking an option uniformly at random: every scorer's expected accuracy is the same.
-    rows = {"random guess": {
-        column: {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
-                 "parse_failures": 0.0, "rationale_chars": 0.0}
-        for column, samples in [*sets.items(), (POOLED, [s for v in sets.values() for s in v])]}}
+    everything = [s for samples in sets.values() for s in samples]
+    rows = {"random guess": {column: chance(samples)
+                             for column, samples in [*sets.items(), (POOLED, everything)]}}
     checkpoints = {}
     for checkpoint in map(Path, cfg.checkpoints.split(",")):
         name = row_name(checkpoint)
@@ -292,16 +341,24 @@ def main():
               "every question\n" + matrix_markdown(rows, columns, "accuracy"))
         print("\nevery scorer (%), the unweighted mean over the test sets\n" +
               scorers_markdown(rows, columns))
+        # Closed and open questions apart, as the medical VQA papers report them.
+        kinds = {s["answer_type"] for s in everything}
+        free_keys = [key for key, (kind, _) in FREE_SCORES.items() if kind in kinds]
+        for key in free_keys:
+            print(f"\n{key} (%), over each test set's {FREE_SCORES[key][0]} questions only (n/a: "
+                  "it has none, or chance is not defined)\n" + matrix_markdown(rows, columns, key))
         for key in seen_keys:
-            print(f"\n{key} (%; nan: the checkpoint does not say what it trained on)\n" +
+            print(f"\n{key} (%; n/a: the checkpoint does not say what it trained on)\n" +
                   matrix_markdown(rows, columns, key))
         # Written only after the tables are printed, and never into a model folder.
+        accuracy = matrix(rows, columns, "accuracy")
         results = {name: {"checkpoint": checkpoints[name], "overall": rows[name][POOLED],
-                          "mean_over_test_sets": sum(rows[name][c]["accuracy"] for c in columns)
-                          / len(columns), "per_test_set": {c: rows[name][c] for c in columns}}
+                          "mean_over_test_sets": accuracy[name][len(columns)] / 100,
+                          "per_test_set": {c: rows[name][c] for c in columns}}
                    for name in checkpoints}
         try:
-            write_tables(rows, columns, [*SCORERS, "parse_failures", *seen_keys], Path(cfg.output))
+            write_tables(rows, columns, [*SCORERS, "parse_failures", *free_keys, *seen_keys],
+                         Path(cfg.output))
             (Path(cfg.output) / "eval_results.json").write_text(json.dumps(results, indent=1))
         except OSError as error:
             raise SystemExit(f"cannot write to --output {cfg.output} ({error.strerror}): the "

@@ -1,10 +1,12 @@
 """From files to model inputs: images decoded and converted, the processor that tokenizes
 chat text and encodes images, and the batch of prompts the model takes.
 
-Shapes: B prompts, P prompt tokens, D = channels x temporal patch x patch x patch.
+Shapes: B prompts, P prompt tokens, I images (a prompt may have several),
+D = channels x temporal patch x patch x patch.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,9 @@ def load_image(path: str, size: int | None = None) -> Image.Image:
 
 # ---------------------------------------------------------------- processor
 
+# The placeholder of one image in a chat text; the processor repeats it once per visual token.
+IMAGE_PAD = "<|image_pad|>"
+
 
 @dataclass
 class Processor:
@@ -65,20 +70,26 @@ class Processor:
         return cls(tokenizer, image_processor)
 
     def __call__(self, texts: list[str], images: list) -> dict:
-        """Tokenize B chat texts (one image placeholder each, left-padded) and encode B images."""
+        """Tokenize B chat texts (left-padded) and encode their I images, given in the order of
+        the texts' <|image_pad|> placeholders (one per image)."""
+        counts = [text.count(IMAGE_PAD) for text in texts]
+        if sum(counts) != len(images):
+            raise ValueError(f"{len(images)} images for {sum(counts)} image placeholders")
         vision = self.image_processor(images=images, return_tensors="pt")
         merge = self.image_processor.merge_size ** 2
-        # Each image becomes grid_t * grid_h * grid_w / merge^2 <|image_pad|> tokens.
-        pads = (vision["image_grid_thw"].prod(dim=-1) // merge).tolist()  # (B,)
-        texts = [text.replace("<|image_pad|>", "<|image_pad|>" * n) for text, n in zip(texts, pads)]
+        # Each image becomes grid_t * grid_h * grid_w / merge^2 <|image_pad|> tokens, in order.
+        pads = iter((vision["image_grid_thw"].prod(dim=-1) // merge).tolist())  # (I,)
+        texts = [re.sub(re.escape(IMAGE_PAD), lambda _: IMAGE_PAD * next(pads), text)
+                 for text in texts]
         tokens = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
-        image_token = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        image_token = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         return {
             "input_ids": tokens["input_ids"],  # (B, P)
             "attention_mask": tokens["attention_mask"],  # (B, P)
             "mm_token_type_ids": (tokens["input_ids"] == image_token).long(),  # (B, P)
             "pixel_values": vision["pixel_values"],  # (patches, D)
-            "image_grid_thw": vision["image_grid_thw"],  # (B, 3)
+            "image_grid_thw": vision["image_grid_thw"],  # (I, 3)
+            "image_counts": torch.tensor(counts),  # (B,)
         }
 
     def save_pretrained(self, path) -> None:
@@ -105,21 +116,30 @@ class PromptBatch:
     input_ids: torch.Tensor  # (B, P)
     attention_mask: torch.Tensor  # (B, P), 0 on left padding
     mm_token_type_ids: torch.Tensor  # (B, P), 1 on image tokens
-    pixel_values: torch.Tensor  # (sum over images of patches, C * temporal_patch * patch * patch)
-    image_grid_thw: torch.Tensor  # (B, 3), one image per prompt
+    pixel_values: torch.Tensor  # (sum over images of patches, D)
+    image_grid_thw: torch.Tensor  # (I, 3), the images of prompt 0, then of prompt 1, ...
+    image_counts: torch.Tensor  # (B,), how many images each prompt has
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of the model's forward (and generate)."""
+        return {k: v for k, v in vars(self).items() if k != "image_counts"}
 
     def to(self, device) -> "PromptBatch":
         return PromptBatch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
-    """The given rows of a batch (in that order, repeats allowed), each with its image's patches."""
-    # One (patches, D) block per row.
-    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())
+    """The given rows of a batch (in that order, repeats allowed), each with its images."""
+    # The images of each row: row b's are numbers first[b] to first[b] + image_counts[b] - 1.
+    first = batch.image_counts.cumsum(0) - batch.image_counts  # (B,)
+    images = torch.cat([torch.arange(first[r], first[r] + batch.image_counts[r])
+                        for r in rows.tolist()])  # (images of the R rows,)
+    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())  # I x (patches, D)
     return PromptBatch(
         input_ids=batch.input_ids[rows],  # (R, P)
         attention_mask=batch.attention_mask[rows],  # (R, P)
         mm_token_type_ids=batch.mm_token_type_ids[rows],  # (R, P)
-        pixel_values=torch.cat([blocks[i] for i in rows.tolist()]),  # (patches of the R images, D)
-        image_grid_thw=batch.image_grid_thw[rows],  # (R, 3)
+        pixel_values=torch.cat([blocks[i] for i in images.tolist()]),  # (their patches, D)
+        image_grid_thw=batch.image_grid_thw[images],  # (images of the R rows, 3)
+        image_counts=batch.image_counts[rows],  # (R,)
     )

@@ -1,11 +1,19 @@
 """Prompt modes and rule rewards: plain functions (completion, sample) -> float, registered by name.
 
 A prompt mode is what the model is asked to write (the template after the
-image) and the layout its whole answer must have (the format reward). A reward
+images) and the layout its whole answer must have (the format reward). A reward
 sees the decoded completion text (never token ids: the tiny BPE merges ">B"
 into one token) and the sample dict from data.py, which carries the gold
-`answer` letter, the `options` (letter -> text) and, added by `score`, the
-prompt `mode` it was asked in.
+`answer`, the `options` (letter -> text) and, added by `score`, the prompt
+`mode` it was asked in.
+
+A sample's `answer_type` (missing means "choice") says what its gold is:
+  choice  the gold letter of one of the options (OmniMedVQA, as in Med-R1);
+  closed  no options, a short gold text, mostly "yes" or "no" (VQA-RAD, SLAKE, PathVQA);
+  open    no options, a free-text gold such as "left lung".
+`accuracy` scores choice by the letter, closed by closed_accuracy (yes/no read
+from the answer's first word) and open by normalised exact_match; token_recall
+and token_f1 give open answers partial credit.
 
 To add a reward: write one function, add one line to REWARDS, add rows to the
 table in tests/test_rewards.py. To add a prompt mode: one entry in MODES. This
@@ -13,49 +21,60 @@ file does not import torch.
 """
 
 import re
+import string
+from collections import Counter
 from dataclasses import dataclass
+
+
+# What the answer tag must hold, by answer type. Closed and open questions share
+# one wording so that the prompt never tells the model that the gold is yes or no.
+TASKS = {
+    "choice": "the correct single-letter choice (A, B, C, D,...)",
+    "closed": "the answer as a single word or short phrase",
+    "open": "the answer as a single word or short phrase",
+}
 
 
 @dataclass(frozen=True)
 class PromptMode:
     """What the model is asked to write, and the layout that the format reward checks."""
 
-    template: str  # the user text after the image; {problem} is the question with its options
+    template: str  # the user text after the images, from {problem} and {task} (TASKS)
     layout: re.Pattern | None = None  # the whole stripped completion must match; None: eval only
     example: str = ""  # an answer in this layout from {letter} and {reason} (the tiny warm-up)
 
+    def text(self, problem: str, answer_type: str) -> str:
+        """The template for a problem (the question with its options) and its answer type."""
+        return self.template.format(problem=problem, task=TASKS[answer_type])
+
 
 # think-before and no-think are Med-R1's released training templates and format
-# regexes, verbatim; think-after is ours, their mirror image (answer first, then
-# the rationale). The last three are Med-R1's released evaluation wordings, which
-# differ from its training templates.
+# regexes, verbatim (with TASKS["choice"] as the task); think-after is ours, their
+# mirror image (answer first, then the rationale). The last three are Med-R1's
+# released evaluation wordings, which differ from its training templates.
 MODES = {
     "think-after": PromptMode(
-        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) "
-        "inside <answer>...</answer> tags. 2. Then explain your reasoning briefly, enclosed in "
-        "<think>...</think> tags. 3. No extra information or text outside of these tags.",
+        "{problem} Your task: 1. Provide {task} inside <answer>...</answer> tags. 2. Then "
+        "explain your reasoning briefly, enclosed in <think>...</think> tags. 3. No extra "
+        "information or text outside of these tags.",
         re.compile(r"<answer>.*?</answer>\s*<think>.*?</think>", re.DOTALL),
         "<answer>{letter}</answer><think>{reason}</think>"),
     "think-before": PromptMode(
         "{problem} Your task: 1. Think through the question step by step, enclose your reasoning "
-        "process in <think>...</think> tags. 2. Then provide the correct single-letter choice "
-        "(A, B, C, D,...) inside <answer>...</answer> tags. 3. No extra information or text "
-        "outside of these tags.",
+        "process in <think>...</think> tags. 2. Then provide {task} inside <answer>...</answer> "
+        "tags. 3. No extra information or text outside of these tags.",
         re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL),
         "<think>{reason}</think><answer>{letter}</answer>"),
     "no-think": PromptMode(
-        "{problem} Your task: 1. Provide the correct single-letter choice (A, B, C, D,...) "
-        "inside <answer>...</answer> tags. 2. No extra information or text outside of this tag.",
+        "{problem} Your task: 1. Provide {task} inside <answer>...</answer> tags. 2. No extra "
+        "information or text outside of this tag.",
         re.compile(r"<answer>.*?</answer>", re.DOTALL),
         "<answer>{letter}</answer>"),
     "medr1-eval-think": PromptMode(
         "{problem} Think through the question step by step in <think>...</think> tags. Then "
-        "provide the correct single-letter choice (A, B, C, D,...) inside <answer>...</answer> "
-        "tags."),
-    "medr1-eval-no-think": PromptMode(
-        "{problem} Provide the correct single-letter choice (A, B, C, D,...) inside "
-        "<answer>...</answer> tags."),
-    "zero-shot": PromptMode("{problem} Provide the correct single-letter choice (A, B, C, D,...)."),
+        "provide {task} inside <answer>...</answer> tags."),
+    "medr1-eval-no-think": PromptMode("{problem} Provide {task} inside <answer>...</answer> tags."),
+    "zero-shot": PromptMode("{problem} Provide {task}."),
 }
 # The modes a model can be trained in: those with a layout for the format reward.
 TRAINING_MODES = [name for name, mode in MODES.items() if mode.layout]
@@ -70,15 +89,21 @@ EMPHASIS = "*_`"
 ANSWER_LABEL = re.compile(r"^(?:final\s+)?answer(?:\s*[:-]|\s+is\b:?)\s*", re.IGNORECASE)
 
 
+def answer_text(completion: str) -> str:
+    """The content of the last <answer> tag (or the whole completion without one), stripped of
+    surrounding whitespace, markdown emphasis and an "Answer:" label."""
+    tags = ANSWER_TAG.findall(completion)
+    content = (tags[-1] if tags else completion).strip().strip(EMPHASIS).strip()
+    return ANSWER_LABEL.sub("", content).strip(EMPHASIS).strip()
+
+
 def extract_choice(text: str, options: dict) -> str | None:
     """The option letter chosen in the last <answer> tag, or None if it is ambiguous.
 
     With no tag at all the whole completion is read by the same rules (a model
     asked zero-shot answers "B" or "B) MRI"); prose around a letter is not.
     """
-    tags = ANSWER_TAG.findall(text)
-    content = ANSWER_LABEL.sub("", (tags[-1] if tags else text).strip().strip(EMPHASIS).strip())
-    content = content.strip(EMPHASIS).strip()
+    content = answer_text(text)
     # A bare word such as "a" in prose never reaches here as a letter: the
     # patterns need the whole tag content to be the letter, or a labelled letter.
     match = LONE_LETTER.fullmatch(content) or LABELLED_LETTER.fullmatch(content)
@@ -91,16 +116,108 @@ def extract_choice(text: str, options: dict) -> str | None:
     return by_text[0] if len(by_text) == 1 else None
 
 
+PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lower case, ASCII punctuation replaced by spaces, the words a/an/the
+    removed, whitespace collapsed to single spaces (none leading or trailing)."""
+    # Punctuation becomes a space rather than nothing, so that "T2-weighted"
+    # matches a gold "t2 weighted" (SQuAD's own script would make it "t2weighted").
+    text = PUNCTUATION.sub(" ", text.lower())
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def yes_no(text: str) -> str | None:
+    """The string "yes" or "no" if the normalised text is or starts with that word, else None."""
+    words = normalize_answer(text).split()
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def answer_type(sample: dict) -> str:
+    """The sample's answer type: "choice", "closed" or "open" (choice when it has none)."""
+    return sample.get("answer_type", "choice")
+
+
+def choice_accuracy(completion: str, sample: dict) -> float:
+    """1 if the letter in the last <answer> tag is the gold letter, else 0."""
+    return float(extract_choice(completion, sample["options"]) == sample["answer"])
+
+
+# On a choice sample every text metric below is the letter's correctness, so
+# that any of them can be the training reward on a mix of answer types.
+
+
+def closed_accuracy(completion: str, sample: dict) -> float:
+    """A gold yes/no must be yes_no of the answer ("Yes, a mass" is yes); any other gold
+    (SLAKE's "Which is bigger, liver or spleen?") must match it after normalize_answer."""
+    if answer_type(sample) == "choice":
+        return choice_accuracy(completion, sample)
+    gold = normalize_answer(sample["answer"])
+    if gold in ("yes", "no"):
+        return float(yes_no(answer_text(completion)) == gold)
+    return exact_match(completion, sample)
+
+
+def exact_match(completion: str, sample: dict) -> float:
+    """1 if answer_text equals the gold after normalize_answer on both, else 0."""
+    if answer_type(sample) == "choice":
+        return choice_accuracy(completion, sample)
+    return float(normalize_answer(answer_text(completion)) == normalize_answer(sample["answer"]))
+
+
+def answer_tokens(completion: str, sample: dict) -> tuple[list[str], list[str]]:
+    """The normalised words of the prediction's answer_text and of the gold."""
+    pred = normalize_answer(answer_text(completion)).split()
+    return pred, normalize_answer(sample["answer"]).split()
+
+
+def token_recall(completion: str, sample: dict) -> float:
+    """The share of the gold's distinct normalised words found among the prediction's words
+    (the "recall" that LLaVA-Med and PMC-VQA report for open questions)."""
+    if answer_type(sample) == "choice":
+        return choice_accuracy(completion, sample)
+    pred, gold = answer_tokens(completion, sample)
+    # A gold with no words left after normalising is matched only by an empty answer.
+    if not gold:
+        return float(not pred)
+    return len(set(gold) & set(pred)) / len(set(gold))
+
+
+def token_f1(completion: str, sample: dict) -> float:
+    """SQuAD's token F1: the harmonic mean of precision and recall of the normalised words
+    shared as a multiset; 0 when one side is empty, 1 when both are."""
+    if answer_type(sample) == "choice":
+        return choice_accuracy(completion, sample)
+    pred, gold = answer_tokens(completion, sample)
+    if not pred or not gold:
+        return float(pred == gold)
+    shared = sum((Counter(pred) & Counter(gold)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(pred), shared / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
 def format_reward(completion: str, sample: dict) -> float:
     """1 if the whole completion follows the prompt mode's tag layout, else 0."""
     return float(MODES[sample["mode"]].layout.fullmatch(completion.strip()) is not None)
 
 
+# The accuracy of each answer type: open answers by exact match, since partial
+# credit (token_recall, token_f1) is a choice to make by name.
+ACCURACY_BY_TYPE = {"choice": choice_accuracy, "closed": closed_accuracy, "open": exact_match}
+
+
 def accuracy_reward(completion: str, sample: dict) -> float:
-    """1 if the letter in the last <answer> tag is the gold letter, else 0."""
-    return float(extract_choice(completion, sample["options"]) == sample["answer"])
+    """The letter for choice questions, closed_accuracy for closed ones, exact_match for open."""
+    return ACCURACY_BY_TYPE[answer_type(sample)](completion, sample)
 
 
+# Med-R1's scorers were written for a gold letter. On closed and open samples
+# they compare the same way against the gold text: an exact, case-sensitive
+# string match ("Yes" scores 0 against "yes"), kept as is rather than patched.
 # Med-R1's training reward as released: the first tag, on one line (no DOTALL), compared as is.
 FIRST_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>")
 
@@ -134,6 +251,10 @@ def accuracy_medr1_raw(completion: str, sample: dict) -> float:
 REWARDS = {
     "format": format_reward,
     "accuracy": accuracy_reward,
+    "closed_accuracy": closed_accuracy,
+    "exact_match": exact_match,
+    "token_recall": token_recall,
+    "token_f1": token_f1,
     "accuracy_medr1_reward": accuracy_medr1_reward,
     "accuracy_medr1_think": accuracy_medr1_think,
     "accuracy_medr1_raw": accuracy_medr1_raw,

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
+import sources
 import inputs
 import model as modellib
 import rewards
@@ -149,7 +150,7 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
         return folder
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    samples, _ = data.split_by_image(data.load_omnimedvqa(dataset_root))
+    samples, _ = data.split_by_image(sources.load_omnimedvqa(dataset_root))
     # max_pixels 64 * 64, not 56 * 56: smart_resize floors, so any square image then becomes
     # 56 x 56 pixels, 4 x 4 patches, 4 visual tokens.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=64 * 64)
@@ -180,7 +181,7 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
 # question text gives the answer away.
 
 ANSWER_POOLS = {
-    "Modality Recognition": list(data.MODALITIES),
+    "Modality Recognition": list(sources.MODALITIES),
     "Anatomy Identification": ["Brain", "Chest", "Abdomen", "Knee"],
     "Disease Diagnosis": ["No", "Yes"],
     "Lesion Grading": ["Grade I", "Grade II", "Grade III"],
@@ -271,7 +272,7 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
     option_rng = random.Random(seed)
     qa_dir = tmp / "QA_information" / "Open-access"
     qa_dir.mkdir(parents=True, exist_ok=True)
-    for m, (name, modality_type) in enumerate(data.MODALITIES.items()):
+    for m, (name, modality_type) in enumerate(sources.MODALITIES.items()):
         dataset = f"Synthetic {name}"
         (tmp / "Images" / dataset).mkdir(parents=True, exist_ok=True)
         records = []
@@ -281,7 +282,7 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
             draw_image(m, anatomy, grade, side, rng, image_size).save(tmp / image_path)
             # Per question type, the index of the answer in ANSWER_POOLS.
             truths = [m, anatomy, int(grade > 0), grade - 1, side]
-            for q, (question_type, truth) in enumerate(zip(data.QUESTION_TYPES, truths)):
+            for q, (question_type, truth) in enumerate(zip(sources.QUESTION_TYPES, truths)):
                 # No lesion: nothing to grade or locate.
                 if grade == 0 and question_type in QUESTION_TYPES_OF_A_LESION:
                     continue
@@ -295,7 +296,7 @@ def make_synthetic(root, images_per_modality: int = 200, image_size: int = 56, s
                     "image_path": image_path,
                     "modality_type": modality_type,
                 }
-                record.update({f"option_{L}": text for L, text in zip(data.LETTERS, options)})
+                record.update({f"option_{L}": text for L, text in zip(sources.LETTERS, options)})
                 records.append(record)
         (qa_dir / f"{dataset}.json").write_text(json.dumps(records, indent=1))
     (tmp / ".complete").touch()

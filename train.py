@@ -27,6 +27,7 @@ from tqdm import tqdm
 import checkpoint
 import common
 import data
+import sources
 import inputs
 import eval as evaluation
 import grpo
@@ -46,8 +47,8 @@ class Config:
     data: str = ""  # OmniMedVQA root (QA_information/, Images/); empty = synthetic data
     modalities: str = ""  # comma-separated Med-R1 modality names (CT, MRI, ...); empty = all
     question_types: str = ""  # comma-separated; empty = all (synthetic data: Modality Recognition)
-    train_split: str = ""  # Med-R1 split file(s), comma-separated; empty = 80/20 by image
-    test_split: str = ""  # held-out split file(s) evaluated during training; empty = the 20%
+    train_split: str = ""  # files to train on (README: Data); empty = 80/20 of --data by image
+    test_split: str = ""  # held-out files evaluated during training; empty = the 20%
     drop_test_images: bool = True  # no image on both sides; false: only questions (Med-R1's files)
     prompt_mode: str = "think-after"  # think-after (answer, then rationale), think-before, no-think
     rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
@@ -109,8 +110,8 @@ class Config:
 
 # Every flag's allowed values, checked in one place (resolve).
 LIMITS = {
-    "modalities": common.names_in(data.MODALITIES),
-    "question_types": common.names_in(data.QUESTION_TYPES),
+    "modalities": common.names_in(sources.MODALITIES),
+    "question_types": common.names_in(sources.QUESTION_TYPES),
     "prompt_mode": common.one_of(*rewards.TRAINING_MODES), "algo": common.one_of("grpo", "sft"),
     "num_generations": common.AT_LEAST_1, "prompts_per_step": common.AT_LEAST_1,
     "beta": common.AT_LEAST_0, "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -163,10 +164,12 @@ def resolve(cfg: Config, world: int) -> Config:
 def load_data(cfg) -> tuple[str, list[dict], list[dict]]:
     """The data root, and its training and held-out samples for the config's files and filters."""
     root = tiny.dataset_root(cfg.data, cfg.cache_dir)
-    modalities, question_types = tiny.filters(cfg.data, cfg.modalities, cfg.question_types)
+    # The synthetic default's question-type filter applies only when no data is named.
+    modalities, question_types = tiny.filters(cfg.data or cfg.train_split or cfg.test_split,
+                                              cfg.modalities, cfg.question_types)
     train, held_out = data.load_splits(root, modalities, question_types, cfg.train_split,
                                        cfg.test_split, cfg.drop_test_images, cfg.skip_bad_records,
-                                       log=print0)
+                                       cfg.cache_dir, log=print0)
     return root, train, held_out
 
 
@@ -219,7 +222,8 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     metrics = update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                             reward_table)
     # The sampled-letter histogram shows a letter dying out (then only the KL revives it).
-    choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
+    choices = [rewards.extract_choice(t, s["options"]) if s["options"] else None
+               for t, s in zip(texts, row_samples)]
     lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
     metrics.update({
         "reward": reward_table.sum(dim=1).mean().item(),
@@ -227,7 +231,7 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
         "completion_len": lengths.mean().item(),
         "completion_len_max": lengths.max().item(),
         "truncated": rollout.truncated.float().mean().item(),
-        **{f"letter_{L}": sum(c == L for c in choices) / len(choices) for L in data.LETTERS},
+        **{f"letter_{L}": sum(c == L for c in choices) / len(choices) for L in sources.LETTERS},
         "rollout_s": rollout_s,
     })
     example = {"id": samples[0]["id"], "answer": samples[0]["answer"],
@@ -350,8 +354,9 @@ def main():
     processor = inputs.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
     tokens = inputs.visual_tokens(processor, cfg.image_size or None)
     print0(f"{tokens} visual tokens per image")
-    # One visual token covers 28 x 28 pixels.
-    if cfg.max_pixels and tokens * 28 * 28 > cfg.max_pixels:
+    # One visual token covers (patch x merge)^2 pixels: 28 x 28 (Qwen2-VL), 32 x 32 (Qwen3-VL).
+    side = processor.image_processor.patch_size * processor.image_processor.merge_size
+    if cfg.max_pixels and tokens * side * side > cfg.max_pixels:
         raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
                          "--max_pixels allows")
     positions = modellib.max_positions(path)

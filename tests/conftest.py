@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
+import sources
 import inputs  # noqa: E402
 import model as modellib  # noqa: E402
 from tiny import build_tiny, make_synthetic  # noqa: E402
@@ -37,7 +38,7 @@ def tiny(tiny_path):
 
 @pytest.fixture(scope="session")
 def modality_split(dataset_root):
-    return data.split_by_image(data.load_omnimedvqa(dataset_root, question_types=["Modality Recognition"]))
+    return data.split_by_image(sources.load_omnimedvqa(dataset_root, question_types=["Modality Recognition"]))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import sources
 import inputs
 from conftest import REPO
 from test_train import SMALL, metrics, run
@@ -88,7 +89,7 @@ def test_each_bad_record_stops_loading_with_a_message_naming_it(mixed_root, qid,
     records = [r for r in json.loads(qa.read_text()) if r["question_id"].startswith("ok") or r["question_id"] == qid]
     qa.write_text(json.dumps(records))
     with pytest.raises(data.DataError, match=message) as error:
-        data.check_images(data.load_omnimedvqa(root))
+        data.check_images(sources.load_omnimedvqa(root))
     assert qid in str(error.value)
 
 
@@ -133,7 +134,7 @@ def test_a_file_that_is_not_a_list_of_records_is_named(tmp_path, content, messag
     qa.mkdir(parents=True)
     (qa / "Broken.json").write_bytes(content)
     with pytest.raises(data.DataError, match=message) as error:
-        data.load_omnimedvqa(tmp_path)
+        sources.load_omnimedvqa(tmp_path)
     assert "Broken.json" in str(error.value)
 
 
@@ -141,7 +142,7 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
     qa = tmp_path / "QA_information" / "Open-access"
     qa.mkdir(parents=True)
     (qa / "Bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([good_record(0, "Images/x.png")]).encode())
-    assert [s["id"] for s in data.load_omnimedvqa(tmp_path)] == ["ok-0"]
+    assert [s["id"] for s in sources.load_omnimedvqa(tmp_path)] == ["ok-0"]
 
 
 @pytest.mark.parametrize("change, message", [
@@ -159,7 +160,7 @@ def test_a_field_of_the_wrong_kind_is_refused_by_name(tmp_path, change, message)
     qa.mkdir(parents=True)
     (qa / "Odd.json").write_text(json.dumps([{**good_record(0, "Images/x.png"), **change}]))
     with pytest.raises(data.DataError, match=message) as error:
-        data.load_omnimedvqa(tmp_path)
+        sources.load_omnimedvqa(tmp_path)
     assert "Odd.json, record 'ok-0'" in str(error.value)
 
 
@@ -175,10 +176,10 @@ def test_a_split_file_record_obeys_the_same_rules(tmp_path, change, message):
     path = tmp_path / "X-Ray_test.json"
     path.write_text(json.dumps([{**record, **change}]))
     with pytest.raises(data.DataError, match=message) as error:
-        data.load_medr1_split(path, image_root=tmp_path)
+        sources.load_medr1_split(path, image_root=tmp_path)
     assert "X-Ray_test.json, record 0" in str(error.value)
     with pytest.raises(data.DataError, match="cannot be read"):
-        data.load_medr1_split(tmp_path / "CT(Computed Tomography)_test.json", image_root=tmp_path)
+        sources.load_medr1_split(tmp_path / "CT(Computed Tomography)_test.json", image_root=tmp_path)
 
 
 def test_nan_pixels_do_not_blacken_a_float_image_and_a_fifo_is_refused(tmp_path):
@@ -189,4 +190,4 @@ def test_nan_pixels_do_not_blacken_a_float_image_and_a_fifo_is_refused(tmp_path)
     assert gray[0, 0] == 0 and gray[-1, -1] == 255 and gray[16, 16] not in (0, 255)
     os.mkfifo(tmp_path / "fifo.png")
     with pytest.raises(data.DataError, match="not a regular file"):
-        data.check_images([{"id": "q", "image": str(tmp_path / "fifo.png")}])
+        data.check_images([{"id": "q", "images": [str(tmp_path / "fifo.png")]}])

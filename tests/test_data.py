@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import data
+import sources
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "medr1-splits"
 
@@ -32,26 +33,27 @@ def test_synthetic_dataset_has_the_omnimedvqa_layout(dataset_root):
               "option_B", "modality_type"}
     assert all(fields <= set(r) for r in records)
     assert all((dataset_root / r["image_path"]).exists() and r["image_path"].startswith("Images/") for r in records)
-    assert {r["modality_type"] for r in records} == set(data.MODALITIES.values())
-    assert {r["question_type"] for r in records} == set(data.QUESTION_TYPES)
-    n_options = Counter(sum(f"option_{L}" in r for L in data.LETTERS) for r in records)
+    assert {r["modality_type"] for r in records} == set(sources.MODALITIES.values())
+    assert {r["question_type"] for r in records} == set(sources.QUESTION_TYPES)
+    n_options = Counter(sum(f"option_{L}" in r for L in sources.LETTERS) for r in records)
     assert set(n_options) == {2, 3, 4}
     # gt_answer is the option text, never a letter.
-    assert all(r["gt_answer"] in [r.get(f"option_{L}") for L in data.LETTERS] for r in records)
+    assert all(r["gt_answer"] in [r.get(f"option_{L}") for L in sources.LETTERS] for r in records)
 
 
 def test_loader_gives_the_sample_form(dataset_root):
-    samples = data.load_omnimedvqa(dataset_root, modalities=["OCT"], question_types=["Lesion Grading"])
+    samples = sources.load_omnimedvqa(dataset_root, modalities=["OCT"], question_types=["Lesion Grading"])
     assert samples and all(s["modality"] == "OCT" and s["question_type"] == "Lesion Grading" for s in samples)
     sample = samples[0]
-    assert set(sample) == {"id", "image", "question", "options", "answer", "modality", "question_type"}
+    assert set(sample) == {"id", "images", "question", "options", "answer", "answer_type", "modality",
+                           "question_type"}
     assert sample["options"][sample["answer"]] in ("Grade I", "Grade II", "Grade III")
-    assert Path(sample["image"]).exists()
+    assert Path(sample["images"][0]).exists() and len(sample["images"]) == 1
 
 
 def test_split_holds_out_whole_images_and_keeps_the_letter_balance(modality_split):
     train, test = modality_split
-    assert not {s["image"] for s in train} & {s["image"] for s in test}
+    assert not {s["images"][0] for s in train} & {s["images"][0] for s in test}
     assert len(test) >= 256 and len(train) == 4 * len(test)
     assert set(Counter(s["answer"] for s in test).values()) == {len(test) // 4}
     assert data.split_by_image(train + test) == (train, test)  # fixed: the same split every time
@@ -67,14 +69,14 @@ def test_bad_record_is_an_error_naming_the_file_and_record(tmp_path, changes, me
     bad = {k: v for k, v in record(**changes).items() if not (k == "question" and v is None)}
     write_qa(tmp_path, [record(question_id="fine"), {**bad, "question_id": "broken-7"}])
     with pytest.raises(data.DataError, match=message) as error:
-        data.load_omnimedvqa(tmp_path)
+        sources.load_omnimedvqa(tmp_path)
     assert "Tiny.json" in str(error.value) and "broken-7" in str(error.value)
 
 
 def test_empty_selection_is_an_error(tmp_path):
     write_qa(tmp_path, [record()])
     with pytest.raises(data.DataError, match="no samples"):
-        data.load_omnimedvqa(tmp_path, modalities=["CT"])
+        sources.load_omnimedvqa(tmp_path, modalities=["CT"])
 
 
 def test_problem_text_is_written_as_medr1_writes_it():

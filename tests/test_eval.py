@@ -2,12 +2,14 @@
 
 import csv
 import json
+import math
 import shutil
 
 import pytest
 import torch
 
 import data
+import sources
 import eval as evaluation
 import model as modellib
 import tiny
@@ -20,10 +22,10 @@ def fixture_root(tmp_path_factory):
     """A few records per modality, options shuffled as in the real data, plus Med-R1 split files for two."""
     root = tiny.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
     for modality in ("CT", "OCT"):
-        samples = data.load_omnimedvqa(root, modalities=[modality])
-        records = [{"image": s["image"].split(str(root) + "/")[1], "problem": data.problem_text(s),
+        samples = sources.load_omnimedvqa(root, modalities=[modality])
+        records = [{"image": s["images"][0].split(str(root) + "/")[1], "problem": data.problem_text(s),
                     "solution": f"<answer> {s['answer']} </answer>"} for s in samples]
-        (root / f"{data.MODALITIES[modality]}_test.json").write_text(json.dumps(records))
+        (root / f"{sources.MODALITIES[modality]}_test.json").write_text(json.dumps(records))
     return root
 
 
@@ -40,10 +42,10 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
 
     with open(tmp_path / "tables" / "accuracy.csv") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["trained_on", *sorted(data.MODALITIES), "average", "pooled"]
+    assert table[0] == ["trained_on", *sorted(sources.MODALITIES), "average", "pooled"]
     assert [row[0] for row in table[1:]] == ["random guess", "CT", "MRI"]
-    held_out = data.split_by_image(data.load_omnimedvqa(fixture_root))[1]
-    for j, modality in enumerate(sorted(data.MODALITIES), start=1):
+    held_out = data.split_by_image(sources.load_omnimedvqa(fixture_root))[1]
+    for j, modality in enumerate(sorted(sources.MODALITIES), start=1):
         # Chance accuracy by hand: the mean of 1 / (number of options) over the column's questions.
         samples = [s for s in held_out if s["modality"] == modality]
         assert float(table[1][j]) == pytest.approx(100 * sum(1 / len(s["options"]) for s in samples) / len(samples),
@@ -56,7 +58,7 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
         assert float(row[-2]) == pytest.approx(sum(values) / len(values), abs=0.006)
         results = json.loads((tmp_path / "tables" / "eval_results.json").read_text())[row[0]]
         assert results["checkpoint"] == checkpoint
-        assert values == [round(100 * results["per_test_set"][m]["accuracy"], 2) for m in sorted(data.MODALITIES)]
+        assert values == [round(100 * results["per_test_set"][m]["accuracy"], 2) for m in sorted(sources.MODALITIES)]
         # Trained on one modality, tested on the root's held-out side of all: no test image was seen.
         assert results["overall"]["seen_images"] == results["overall"]["trained_questions"] == 0
     markdown = (tmp_path / "tables" / "accuracy.md").read_text()
@@ -64,12 +66,12 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
 
     # Med-R1's CT test file holds every CT question of the root: the CT checkpoint trained on
     # the root's training side, so evaluation counts the questions it saw, and warns.
-    ct_file = str(fixture_root / f"{data.MODALITIES['CT']}_test.json")
+    ct_file = str(fixture_root / f"{sources.MODALITIES['CT']}_test.json")
     out = run(["eval.py", "--checkpoints", checkpoints[0], "--split_files", ct_file, "--data", str(fixture_root),
                "--max_new_tokens", "8", "--output", str(tmp_path / "ct-file")])
-    training = {data.question_key(s) for s in data.split_by_image(data.load_omnimedvqa(fixture_root,
+    training = {data.question_key(s) for s in data.split_by_image(sources.load_omnimedvqa(fixture_root,
                                                                                        modalities=["CT"]))[0]}
-    test = data.load_medr1_split(ct_file, image_root=fixture_root)
+    test = sources.load_medr1_split(ct_file, image_root=fixture_root)
     overall = json.loads((tmp_path / "ct-file" / "eval_results.json").read_text())["CT"]["overall"]
     assert overall["trained_questions"] == pytest.approx(sum(data.question_key(s) in training for s in test) /
                                                          len(test)) and overall["trained_questions"] > 0.5
@@ -77,7 +79,7 @@ def test_train_then_eval_gives_the_cross_modality_matrix(fixture_root, tiny_path
 
 
 def test_eval_on_medr1_split_files_makes_one_column_per_file(fixture_root, tiny_path, tmp_path):
-    files = [str(fixture_root / f"{data.MODALITIES[m]}_test.json") for m in ("CT", "OCT")]
+    files = [str(fixture_root / f"{sources.MODALITIES[m]}_test.json") for m in ("CT", "OCT")]
     run(["eval.py", "--checkpoints", str(tiny_path), "--split_files", ",".join(files), "--data", str(fixture_root),
          "--max_new_tokens", "8", "--output", str(tmp_path)])
     with open(tmp_path / "accuracy.csv") as f:
@@ -104,14 +106,49 @@ def test_eval_never_writes_into_a_model_folder_and_says_when_it_cannot_write(tin
 
 def test_summary_averages_every_scorer_and_counts_parse_failures():
     scorers = ["accuracy", "accuracy_medr1_think", "accuracy_medr1_raw", "accuracy_medr1_reward"]
-    results = [{**dict(zip(scorers, [1.0, 0.0, 0.0, 0.0])), "choice": "B", "rationale_chars": 10},
-               {**dict(zip(scorers, [0.0, 0.0, 1.0, 0.0])), "choice": None, "rationale_chars": 0},
-               {**dict(zip(scorers, [1.0, 1.0, 0.0, 1.0])), "choice": "A", "rationale_chars": 20},
-               {**dict(zip(scorers, [0.0, 0.0, 0.0, 0.0])), "choice": "C", "rationale_chars": 30}]
+    choice = {"answer_type": "choice", "closed_accuracy": 9.0, "exact_match": 9.0, "token_recall": 9.0,
+              "token_f1": 9.0}  # never averaged: no closed or open question
+    results = [{**dict(zip(scorers, [1.0, 0.0, 0.0, 0.0])), **choice, "answer": "B", "rationale_chars": 10},
+               {**dict(zip(scorers, [0.0, 0.0, 1.0, 0.0])), **choice, "answer": None, "rationale_chars": 0},
+               {**dict(zip(scorers, [1.0, 1.0, 0.0, 1.0])), **choice, "answer": "A", "rationale_chars": 20},
+               {**dict(zip(scorers, [0.0, 0.0, 0.0, 0.0])), **choice, "answer": "C", "rationale_chars": 30}]
     summary = evaluation.summarize(results)
     assert summary == {"accuracy": 0.5, "accuracy_medr1_think": 0.25, "accuracy_medr1_raw": 0.25,
                        "accuracy_medr1_reward": 0.25, "parse_failures": 0.25, "rationale_chars": 15.0,
-                       "questions": 4}
+                       "questions": 4, "closed_questions": 0, "open_questions": 0, "closed_accuracy": None,
+                       "open_exact_match": None, "open_token_recall": None, "open_token_f1": None}
+
+
+def test_summary_scores_closed_and_open_questions_apart():
+    def result(kind, accuracy, closed, exact, recall, f1):
+        return {"answer_type": kind, "accuracy": accuracy, "accuracy_medr1_think": 0.0, "accuracy_medr1_raw": 0.0,
+                "accuracy_medr1_reward": 0.0, "closed_accuracy": closed, "exact_match": exact,
+                "token_recall": recall, "token_f1": f1, "answer": "x", "rationale_chars": 0}
+    results = [result("choice", 1.0, 1.0, 1.0, 1.0, 1.0), result("closed", 1.0, 1.0, 0.0, 0.0, 0.0),
+               result("closed", 0.0, 0.0, 0.0, 0.0, 0.0), result("closed", 1.0, 1.0, 1.0, 1.0, 1.0),
+               result("open", 0.0, 0.0, 0.0, 0.5, 0.6), result("open", 1.0, 1.0, 1.0, 1.0, 1.0)]
+    summary = evaluation.summarize(results)
+    assert summary["accuracy"] == 4 / 6
+    assert (summary["closed_questions"], summary["open_questions"]) == (3, 2)
+    assert summary["closed_accuracy"] == 2 / 3
+    assert (summary["open_exact_match"], summary["open_token_recall"], summary["open_token_f1"]) == (0.5, 0.75, 0.8)
+
+
+def test_average_is_over_the_test_sets_with_questions_of_the_kind_and_chance_only_where_defined():
+    rows = {"random guess": {"vqa": {"accuracy": None, "closed_accuracy": 0.5},
+                             "omni": {"accuracy": 0.25, "closed_accuracy": None},
+                             "pooled": {"accuracy": None, "closed_accuracy": 0.5}},
+            "model": {"vqa": {"accuracy": 0.6, "closed_accuracy": 0.8},
+                      "omni": {"accuracy": 0.4, "closed_accuracy": None},
+                      "pooled": {"accuracy": 0.45, "closed_accuracy": 0.8}}}
+    accuracy = evaluation.matrix(rows, ["vqa", "omni"], "accuracy")
+    closed = evaluation.matrix(rows, ["vqa", "omni"], "closed_accuracy")
+    assert accuracy["model"] == pytest.approx([60.0, 40.0, 50.0, 45.0])
+    assert str(accuracy["random guess"]) == "[nan, 25.0, nan, nan]"  # chance of open answers: none
+    assert closed["model"][0] == 80.0 and math.isnan(closed["model"][1])
+    assert closed["random guess"][2] == 50.0 and closed["model"][2] == 80.0  # over vqa only
+    table = evaluation.matrix_markdown(rows, ["vqa", "omni"], "closed_accuracy")
+    assert "| model | 80.00 | n/a | 80.00 | 80.00 |" in table
 
 
 def test_evaluation_reads_the_last_tag_as_the_reward_does_even_after_one_inside_think(tiny, modality_split,
@@ -137,21 +174,21 @@ def test_evaluation_reads_the_last_tag_as_the_reward_does_even_after_one_inside_
                                   max_new_tokens=40, image_size=None)
     assert [r["completion"] for r in results] == targets
     for result, sample in zip(results, samples):
-        assert result["choice"] == sample["answer"] and result["accuracy"] == 1.0
+        assert result["answer"] == sample["answer"] and result["accuracy"] == 1.0
         assert result["accuracy_medr1_think"] == 0.0  # Med-R1's rule reads the first tag, as released
 
 
 def test_the_synthetic_questions_of_a_real_layout_fixture_load_with_shuffled_options(fixture_root):
-    samples = data.load_omnimedvqa(fixture_root, question_types=["Modality Recognition"])
+    samples = sources.load_omnimedvqa(fixture_root, question_types=["Modality Recognition"])
     letters = {s["answer"] for s in samples}
     assert len(letters) > 1  # shuffled: the answer letter is not fixed by the modality
     assert all(len(s["options"]) == 4 for s in samples)
 
 
 def test_two_split_files_for_one_column_are_refused(fixture_root, tmp_path):
-    test_file = fixture_root / f"{data.MODALITIES['CT']}_test.json"
-    other = tmp_path / f"{data.MODALITIES['CT']}_train.json"
+    test_file = fixture_root / f"{sources.MODALITIES['CT']}_test.json"
+    other = tmp_path / f"{sources.MODALITIES['CT']}_train.json"
     shutil.copy(test_file, other)
     cfg = evaluation.EvalConfig(split_files=f"{test_file},{other}", data=str(fixture_root))
-    with pytest.raises(data.DataError, match="a second test file for column 'CT'"):
+    with pytest.raises(data.DataError, match="a second set named 'CT'"):
         evaluation.test_sets(cfg, str(fixture_root))

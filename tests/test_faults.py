@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import checkpoint
 import common
 import data
+import sources
 import inputs
 import model as modellib
 import rewards
@@ -251,7 +252,7 @@ def test_two_processes_building_the_default_at_once_both_get_it_whole(dataset_ro
     outputs = [build.communicate(timeout=600) for build in builds]
     assert [build.returncode for build in builds] == [0, 0], outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]  # no build folder left behind
-    assert len(data.load_omnimedvqa(tmp_path / "data")) > 0
+    assert len(sources.load_omnimedvqa(tmp_path / "data")) > 0
     assert modellib.load_model(tmp_path / "model") is not None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import data
+import sources
 from rewards import (REWARDS, accuracy_medr1_raw, accuracy_medr1_reward, accuracy_medr1_think, accuracy_reward,
                      extract_choice, medr1_reward_choice)
 
@@ -32,7 +33,7 @@ SOLUTION = re.compile(r"<answer> ([A-D]) </answer>")
 def splits():
     """file name -> (raw records, samples) for every released test split."""
     folder = SHARED / "modality-test"
-    return {path.name: (json.loads(path.read_text()), data.load_medr1_split(path))
+    return {path.name: (json.loads(path.read_text()), sources.load_medr1_split(path))
             for path in sorted(folder.glob("*.json"))}
 
 
@@ -53,8 +54,8 @@ def test_loader_reads_every_split_with_the_readme_counts_and_modality(splits):
 def test_loader_gives_the_sample_form_with_the_gold_letter_of_the_solution_field(splits):
     for name, (records, samples) in splits.items():
         for index, (record, sample) in enumerate(zip(records, samples)):
-            assert set(sample) == {"id", "image", "question", "options", "answer", "modality", "question_type"}
-            assert sample["id"] == f"{Path(name).stem}#{index}" and sample["image"] == record["image"]
+            assert set(sample) == {"id", "images", "question", "options", "answer", "answer_type", "modality", "question_type"}
+            assert sample["id"] == f"{Path(name).stem}#{index}" and sample["images"] == [record["image"]]
             assert sample["answer"] == SOLUTION.fullmatch(record["solution"]).group(1)
             assert list(sample["options"]) == list("ABCD"[:len(sample["options"])])
 
@@ -106,9 +107,9 @@ def test_an_omnimedvqa_record_built_from_a_medr1_problem_gives_that_problem_back
     raw = {"dataset": "Tiny", "question_id": "q1", "question_type": "Modality Recognition", "question": question,
            "gt_answer": gold, "image_path": "Images/Tiny/1.png", "modality_type": "CT(Computed Tomography)"}
     raw.update({f"option_{letter}": text for letter, text in zip("ABCD", texts)})
-    sample = data.record_to_sample(raw, "Tiny.json", tmp_path)
+    sample = sources.record_to_sample(raw, "Tiny.json", tmp_path)
     assert data.problem_text(sample) == problem
-    assert data.parse_problem(problem, "here") == (question, dict(zip("ABCD", texts)))
+    assert sources.parse_problem(problem, "here") == (question, dict(zip("ABCD", texts)))
 
 
 def write_split(folder: Path, name: str, records: list[dict]) -> Path:
@@ -122,12 +123,12 @@ GOOD = {"image": "Images/Tiny/1.png", "problem": "Which modality? A)CT, B)MRI (T
 
 def test_file_name_sets_the_question_type_or_the_modality_and_image_root_prefixes_images(tmp_path):
     path = write_split(tmp_path, "Modality Recognition_train.json", [GOOD])
-    [sample] = data.load_medr1_split(path, image_root=tmp_path / "omni")
-    assert sample == {"id": "Modality Recognition_train#0", "image": str(tmp_path / "omni" / "Images/Tiny/1.png"),
+    [sample] = sources.load_medr1_split(path, image_root=tmp_path / "omni")
+    assert sample == {"id": "Modality Recognition_train#0", "images": [str(tmp_path / "omni" / "Images/Tiny/1.png")], "answer_type": "choice",
                       "question": "Which modality?", "options": {"A": "CT", "B": "MRI (T1)"}, "answer": "B",
                       "modality": "", "question_type": "Modality Recognition"}
-    [sample] = data.load_medr1_split(write_split(tmp_path, "X-Ray_test.json", [GOOD]))
-    assert (sample["modality"], sample["question_type"], sample["image"]) == ("X-Ray", "", "Images/Tiny/1.png")
+    [sample] = sources.load_medr1_split(write_split(tmp_path, "X-Ray_test.json", [GOOD]))
+    assert (sample["modality"], sample["question_type"], sample["images"]) == ("X-Ray", "", ["Images/Tiny/1.png"])
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -141,13 +142,13 @@ def test_malformed_record_is_an_error_naming_the_file_and_index(tmp_path, change
     bad = {k: v for k, v in {**GOOD, **changes}.items() if v is not None}
     path = write_split(tmp_path, "CT(Computed Tomography)_test.json", [GOOD, bad])
     with pytest.raises(data.DataError, match=message) as error:
-        data.load_medr1_split(path)
+        sources.load_medr1_split(path)
     assert "CT(Computed Tomography)_test.json, record 1" in str(error.value)
 
 
 def test_split_file_named_after_neither_a_modality_nor_a_question_type_is_an_error(tmp_path):
     with pytest.raises(data.DataError, match="all_test.json"):
-        data.load_medr1_split(write_split(tmp_path, "all_test.json", [GOOD]))
+        sources.load_medr1_split(write_split(tmp_path, "all_test.json", [GOOD]))
 
 
 # Gold is C. completion, the choice of Med-R1's training reward, our robust choice (rewards.extract_choice).

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import data
+import sources
 import tiny
 
 CT_TRAIN, CT_TEST, MRI_TEST = ("CT(Computed Tomography)_train.json", "CT(Computed Tomography)_test.json",
@@ -24,14 +25,14 @@ def root(tmp_path_factory):
     root = tiny.make_synthetic(tmp_path_factory.mktemp("omnimedvqa"), images_per_modality=20, fixed_order=False)
 
     def write(name, samples):
-        records = [{"image": s["image"].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
+        records = [{"image": s["images"][0].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
                     "solution": f"<answer> {s['answer']} </answer>"} for s in samples]
         (root / name).write_text(json.dumps(records))
 
-    ct = data.load_omnimedvqa(root, modalities=["CT"])
-    write(CT_TRAIN, [s for s in ct if s["question_type"] in data.QUESTION_TYPES[:3]])
-    write(CT_TEST, [s for s in ct if s["question_type"] in data.QUESTION_TYPES[2:] and Path(s["image"]).stem >= "00008"])
-    write(MRI_TEST, data.load_omnimedvqa(root, modalities=["MRI"]))
+    ct = sources.load_omnimedvqa(root, modalities=["CT"])
+    write(CT_TRAIN, [s for s in ct if s["question_type"] in sources.QUESTION_TYPES[:3]])
+    write(CT_TEST, [s for s in ct if s["question_type"] in sources.QUESTION_TYPES[2:] and Path(s["images"][0]).stem >= "00008"])
+    write(MRI_TEST, sources.load_omnimedvqa(root, modalities=["MRI"]))
     return root
 
 
@@ -40,7 +41,7 @@ def questions(samples):
 
 
 def images(samples):
-    return {s["image"] for s in samples}
+    return {s["images"][0] for s in samples}
 
 
 SPLIT_FLAGS = {"no files": ("", ""), "train file": (CT_TRAIN, ""), "test files": ("", f"{CT_TEST},{MRI_TEST}"),
@@ -75,7 +76,7 @@ def test_no_training_question_is_a_test_question_whatever_the_flags(root, flags,
     # Every test set evaluation can use: the held-out side train.py evaluates on, the given
     # test files whole (any modality), and, unless a train file was given, the root's own
     # test side whole (eval.py without split files, with any filter).
-    test_sets = [held_out] + [data.load_medr1_split(root / f, image_root=root) for f in
+    test_sets = [held_out] + [sources.load_medr1_split(root / f, image_root=root) for f in
                               SPLIT_FLAGS[flags][1].split(",") if f]
     if not train_split:
         test_sets.append(data.load_splits(root, [], [], log=notes.append)[1])
@@ -89,7 +90,7 @@ def test_no_training_question_is_a_test_question_whatever_the_flags(root, flags,
 
 def test_files_that_share_images_are_reported_and_kept_apart_by_question_only_when_asked(root):
     train_split, test_split = str(root / CT_TRAIN), str(root / CT_TEST)
-    every_train = data.load_medr1_split(train_split, image_root=root)
+    every_train = sources.load_medr1_split(train_split, image_root=root)
     notes = []
     train, test = data.load_splits(root, [], [], train_split, test_split, drop_test_images=False,
                                    log=notes.append)
@@ -110,8 +111,8 @@ def test_files_that_share_images_are_reported_and_kept_apart_by_question_only_wh
 
 
 def test_a_train_file_without_a_test_file_that_covers_the_held_out_side_stops_the_run(root, tmp_path):
-    every_question = data.load_omnimedvqa(root)
-    records = [{"image": s["image"].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
+    every_question = sources.load_omnimedvqa(root)
+    records = [{"image": s["images"][0].split(str(root.resolve()) + "/")[1], "problem": data.problem_text(s),
                 "solution": f"<answer> {s['answer']} </answer>"} for s in every_question]
     (tmp_path / "CT(Computed Tomography)_train.json").write_text(json.dumps(records))
     with pytest.raises(data.DataError, match="pass --test_split"):
@@ -122,8 +123,8 @@ def test_the_root_is_split_before_filtering_so_any_filter_sees_the_same_sides(ro
     train, test = data.load_splits(root, [], [])
     for modalities, question_types in FILTERS.values():
         filtered_train, filtered_test = data.load_splits(root, modalities, question_types)
-        assert filtered_train == data.select(train, modalities, question_types)
-        assert filtered_test == data.select(test, modalities, question_types)
+        assert filtered_train == sources.select(train, modalities, question_types)
+        assert filtered_test == sources.select(test, modalities, question_types)
 
 
 def test_the_training_record_counts_the_test_images_and_questions_it_holds(root):
@@ -139,9 +140,9 @@ def test_a_small_modality_gets_an_image_on_each_side():
     their own answer letter, so rounding per stratum alone would test on none of them."""
     samples = []
     for m, modality in enumerate(["CT", "MRI", "X-Ray", "OCT", "Microscopy"]):
-        samples += [{"image": f"{modality}/{i}.png", "modality": modality, "answer": "ABCD"[i % 4],
+        samples += [{"images": [f"{modality}/{i}.png"], "modality": modality, "answer": "ABCD"[i % 4],
                      "question_type": "Modality Recognition"} for i in range(69 // 5 + (m < 69 % 5))]
-    samples += [{"image": f"Fundus/{i}.png", "modality": "Fundus Photography", "answer": "ABC"[i],
+    samples += [{"images": [f"Fundus/{i}.png"], "modality": "Fundus Photography", "answer": "ABC"[i],
                  "question_type": "Modality Recognition"} for i in range(3)]
     assert len(samples) == 72
     train, test = data.split_by_image(samples)

@@ -264,9 +264,10 @@ def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split
         keep = row.attention_mask[0].bool()  # drop this row's left padding
         ids = torch.cat([row.input_ids[0][keep], torch.tensor(target)]).unsqueeze(0)
         one = inputs.PromptBatch(ids, torch.ones_like(ids), torch.nn.functional.pad(row.mm_token_type_ids[0][keep],
-                               (0, len(target))).unsqueeze(0), row.pixel_values, row.image_grid_thw)
+                               (0, len(target))).unsqueeze(0), row.pixel_values, row.image_grid_thw,
+                                 row.image_counts)
         with torch.no_grad():
-            logits = model(**vars(one)).logits[0].log_softmax(-1)
+            logits = model(**one.model_inputs()).logits[0].log_softmax(-1)
         P = int(keep.sum())
         nll -= sum(logits[P - 1 + t, token].item() for t, token in enumerate(target))
         count += len(target)
