@@ -27,10 +27,10 @@ import torch.distributed as dist
 
 import common
 import data
-import sources
 import inputs
 import model as modellib
 import rewards
+import sources
 import tiny
 import train
 

@@ -222,6 +222,8 @@ def load_medr1_split(path, image_root=None) -> list[dict]:
 # ---------------------------------------------------------------- our own records (JSONL)
 
 ANSWER_TYPES = ("choice", "closed", "open")
+# Option letters beyond OmniMedVQA's four (MMMU has up to nine options).
+LETTERS_ALL = "ABCDEFGHIJ"
 
 
 def answer_type_of(options: dict, answer: str) -> str:
@@ -238,9 +240,9 @@ def free_sample(where: str, sample_id: str, images: list[str], question: str, an
     if isinstance(options, list):
         options = dict(zip(LETTERS_ALL, options))
     options = options or {}
-    if not isinstance(options, dict) or len(options) > len(LETTERS_ALL):
-        raise DataError(f"{where}: options must be a list or a letter -> text object of at most "
-                        f"{len(LETTERS_ALL)}, not {options!r}")
+    if not isinstance(options, dict) or list(options) != list(LETTERS_ALL[:len(options)]):
+        raise DataError(f"{where}: options must be a list of texts or an object with the keys "
+                        f"A, B, ... in order (at most {len(LETTERS_ALL)}), not {options!r}")
     check_text(where, {"question": question, "answer": answer, "modality": modality,
                        "question_type": question_type} |
                {f"option {letter}": text for letter, text in options.items()})
@@ -262,8 +264,6 @@ def free_sample(where: str, sample_id: str, images: list[str], question: str, an
             "question_type": question_type}
 
 
-# Options beyond OmniMedVQA's four (MMMU has up to nine).
-LETTERS_ALL = "ABCDEFGHIJ"
 JSONL_FIELDS = {"id", "images", "image", "question", "answer", "options", "answer_type",
                 "modality", "question_type"}
 

@@ -22,10 +22,10 @@ from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForCondi
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
-import sources
 import inputs
 import model as modellib
 import rewards
+import sources
 from common import print0
 
 # The synthetic data's default task: the tiny model learns it in minutes.

@@ -27,13 +27,13 @@ from tqdm import tqdm
 import checkpoint
 import common
 import data
-import sources
-import inputs
 import eval as evaluation
 import grpo
+import inputs
 import lora
 import model as modellib
 import rewards
+import sources
 import tiny
 from common import print0
 

@@ -11,9 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
-import sources
 import inputs  # noqa: E402
 import model as modellib  # noqa: E402
+import sources  # noqa: E402
 from tiny import build_tiny, make_synthetic  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import data
-import sources
 import inputs
+import sources
 from conftest import REPO
 from test_train import SMALL, metrics, run
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import data
-import sources
 import eval as evaluation
 import model as modellib
+import sources
 import tiny
 from test_bad_input import run_fail
 from test_train import run

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 import checkpoint
 import common
 import data
-import sources
 import inputs
 import model as modellib
 import rewards
+import sources
 import train
 from conftest import REPO
 from test_bad_input import run_fail

@@ -5,14 +5,13 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow  # an optional extra; the README's test command installs it
+import pyarrow.parquet
 import pytest
 from PIL import Image
 
 import data
 import sources
-
-pyarrow = pytest.importorskip("pyarrow")  # installed by the README's test command
-import pyarrow.parquet  # noqa: E402
 
 
 def png(size=(40, 30), color=(200, 10, 10)) -> bytes:
@@ -74,6 +73,7 @@ GOOD = {"image": "a.png", "question": "Q?", "answer": "A", "options": ["x", "y"]
     (json.dumps({"images": "a.png", "question": "Q?", "answer": "yes"}), "images must be a list of paths"),
     (json.dumps({**GOOD, "answer": "C"}), "answer 'C' must be the letter of one of at least 2 options"),
     (json.dumps({**GOOD, "options": ["x"]}), "at least 2 options"),
+    (json.dumps({**GOOD, "options": {"A": "x", "C": "y"}}), "the keys A, B, ... in order"),
     (json.dumps({**GOOD, "answer_type": "open"}), "answer_type 'open' takes no options"),
     (json.dumps({"image": "a.png", "question": "Q?", "answer": "x", "answer_type": "choice"}),
      "answer_type 'choice' needs options"),
