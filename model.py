@@ -32,11 +32,16 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 
 def load_model(path, dtype=torch.float32):
-    """A Qwen2-VL or Qwen2.5-VL model from a local Hugging Face folder, or from a LoRA adapter
-    folder (PEFT's format) on the base model it names; nothing is downloaded."""
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL model from a local Hugging Face folder, or from a LoRA
+    adapter folder (PEFT's format) on the base model it names; nothing is downloaded."""
     if base := lora.base_of(path):
         return lora.load_adapter(load_model(base, dtype), path)
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+
+
+# The vision tower's parameters that project into the language model (--freeze_projector):
+# the merger, and Qwen3-VL's deepstack mergers (one per vision layer it feeds to the decoder).
+PROJECTOR_PREFIXES = ("merger.", "deepstack_merger_list.")
 
 
 def max_positions(path) -> int:
@@ -134,8 +139,11 @@ def prefill(model, prompts: PromptBatch, cache=None):
     """One forward over the B prompts and their images into a KV cache (a new one if None).
 
     Returns the model output (logits of the last position only, (B, 1, V)) and
-    Qwen2-VL's 3-D rope positions (3, B, P): image tokens get (time, row,
-    column), text counts on. Used by sample() and token_logprobs() alike.
+    the 3-D rope positions (3, B, P) of Qwen2-VL's M-RoPE, which 2.5-VL and
+    3-VL keep: image tokens get (time, row, column), text counts on. Qwen3-VL
+    also adds its deepstack features to the image positions of the first
+    decoder layers, which happens only here: completion tokens are text.
+    Used by sample() and token_logprobs() alike.
     """
     positions, _ = model.model.get_rope_index(prompts.input_ids, prompts.mm_token_type_ids,
                                               image_grid_thw=prompts.image_grid_thw,

@@ -43,7 +43,7 @@ class Config:
     """GRPO (or SFT) training of a Qwen2-VL model on OmniMedVQA; every flag is a field here."""
 
     # what to train
-    model: str = ""  # local Hugging Face folder (Qwen2-VL / Qwen2.5-VL); empty = the tiny model
+    model: str = ""  # local Hugging Face folder (Qwen2-VL, 2.5-VL, 3-VL); empty = the tiny model
     data: str = ""  # OmniMedVQA root (QA_information/, Images/); empty = synthetic data
     modalities: str = ""  # comma-separated Med-R1 modality names (CT, MRI, ...); empty = all
     question_types: str = ""  # comma-separated; empty = all (synthetic data: Modality Recognition)
@@ -86,7 +86,7 @@ class Config:
     lora_dropout: float = 0.0  # on the adapters' input (SFT recipes: 0.05; it blurs GRPO's ratio)
     lora_targets: str = lora.TARGETS  # the language model's linears that get adapters
     freeze_vision_tower: bool = False  # the vision encoder does not train (always, with LoRA)
-    freeze_projector: bool = False  # the merger into the language model does not train (idem)
+    freeze_projector: bool = False  # the mergers into the language model do not train (idem)
     hybrid_shard: bool = False  # multi-node: shard within each node, replicate across nodes
     # images
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep
@@ -181,7 +181,8 @@ def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple
         lora.add_adapters(policy, str(Path(path).resolve()), cfg.lora_rank, cfg.lora_alpha,
                           cfg.lora_dropout, lora.target_pattern(cfg.lora_targets))
     for name, param in policy.model.visual.named_parameters():
-        if cfg.freeze_projector if name.startswith("merger.") else cfg.freeze_vision_tower:
+        projector = name.startswith(modellib.PROJECTOR_PREFIXES)
+        if cfg.freeze_projector if projector else cfg.freeze_vision_tower:
             param.requires_grad_(False)
     policy.to(device)
     if cfg.grad_checkpointing:

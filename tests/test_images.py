@@ -9,6 +9,7 @@ import data
 import inputs
 import model as modellib
 import sources
+from test_families import random_model, toy_processor
 from tiny import tiny_config
 
 # Prompt 0 has two images, prompt 1 three, all of different sizes (width, height).
@@ -16,12 +17,17 @@ SIZES = [[(56, 56), (84, 28)], [(28, 84), (56, 28), (84, 84)]]
 G = 2
 
 
-@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random"])
-def model_and_processor(request, tiny):
+@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random", "qwen2.5-vl", "qwen3-vl"])
+def model_and_processor(request, tiny, tmp_path):
+    """The warmed-up tiny model, a random Qwen2-VL, and random Qwen2.5-VL and Qwen3-VL from their
+    published configs (test_families.py) with their own processors."""
     model, processor = tiny
+    torch.manual_seed(1)
     if request.param == "qwen2-vl-random":
-        torch.manual_seed(1)
         model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()
+    elif request.param != "tiny-warmed-up":
+        model = random_model(request.param, processor.tokenizer)
+        processor = toy_processor(tmp_path / request.param, request.param, processor.tokenizer)
     return model, processor
 
 

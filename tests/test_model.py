@@ -6,16 +6,19 @@ import shutil
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import Qwen2VLForConditionalGeneration
 
 import checkpoint
 import data
 import inputs
 import model as modellib
+import sources
+from test_families import random_model, toy_processor
 from tiny import CHAT_TEMPLATE, tiny_config
 
-# Images of different shapes give different numbers of image tokens, hence left padding.
-SIZES = {"equal": [(56, 56), (56, 56)], "different": [(56, 56), (84, 28), (28, 84)]}
+# Images of different shapes give different numbers of image tokens, hence left padding. The
+# 28 x 140 one is taller than Qwen2.5-VL's 112-pixel attention window, so it is split in two.
+SIZES = {"equal": [(56, 56), (56, 56)], "different": [(56, 56), (84, 28), (28, 140)]}
 
 
 def encode(processor, samples, sizes, mode="think-after") -> inputs.PromptBatch:
@@ -23,7 +26,7 @@ def encode(processor, samples, sizes, mode="think-after") -> inputs.PromptBatch:
     texts = [processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(s, mode)}]}],
         add_generation_prompt=True, tokenize=False) for s in samples]
-    images = [inputs.load_image(s["image"]).resize(size) for s, size in zip(samples, sizes)]
+    images = [inputs.load_image(s["images"][0]).resize(size) for s, size in zip(samples, sizes)]
     return inputs.PromptBatch(**processor(texts, images))
 
 
@@ -32,36 +35,27 @@ def repeat_prompts(batch: inputs.PromptBatch, group_size: int) -> inputs.PromptB
     return inputs.select_rows(batch, torch.arange(batch.input_ids.shape[0]).repeat_interleave(group_size))
 
 
-def random_qwen2_5_vl(tokenizer):
-    """A randomly initialised Qwen2.5-VL at toy size, sharing the tiny model's tokenizer."""
-    text = tiny_config(tokenizer)
-    config = Qwen2_5_VLConfig(
-        text_config=text.text_config.to_dict(),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=text.text_config.hidden_size,
-                           fullatt_block_indexes=[1]),
-        image_token_id=text.image_token_id, video_token_id=text.video_token_id,
-        vision_start_token_id=text.vision_start_token_id, vision_end_token_id=text.vision_end_token_id)
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
-@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random", "qwen2.5-vl-random"])
-def any_model(request, tiny):
-    """The warmed-up tiny model, and random ones whose outputs depend on every input detail."""
+@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random", "qwen2.5-vl-random", "qwen3-vl-random"])
+def any_model(request, tiny, tmp_path):
+    """The warmed-up tiny model, and random ones whose outputs depend on every input detail:
+    Qwen2-VL at the tiny size, Qwen2.5-VL and Qwen3-VL from their published configs shrunk
+    (test_families.py), each with its own processor (Qwen3-VL: 16-pixel patches)."""
     model, processor = tiny
     torch.manual_seed(1)
     if request.param == "qwen2-vl-random":
         model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()
-    elif request.param == "qwen2.5-vl-random":
-        model = random_qwen2_5_vl(processor.tokenizer)
+    elif request.param != "tiny-warmed-up":
+        family = request.param.removesuffix("-random")
+        model = random_model(family, processor.tokenizer)
+        processor = toy_processor(tmp_path / family, family, processor.tokenizer)
     return model, processor
 
 
 @pytest.fixture(scope="module")
 def mixed_samples(dataset_root):
     """Three questions of different types (so different text lengths)."""
-    samples = data.load_omnimedvqa(dataset_root)
-    return [next(s for s in samples if s["question_type"] == q) for q in data.QUESTION_TYPES[:3]]
+    samples = sources.load_omnimedvqa(dataset_root)
+    return [next(s for s in samples if s["question_type"] == q) for q in sources.QUESTION_TYPES[:3]]
 
 
 def test_greedy_sampler_equals_generate(any_model, mixed_samples):
@@ -70,7 +64,7 @@ def test_greedy_sampler_equals_generate(any_model, mixed_samples):
     assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
     ours = modellib.sample(model, batch, 1, modellib.Decoding(12, temperature=0.0, end_ids=end_ids))
-    theirs = model.generate(**vars(batch), max_new_tokens=12, do_sample=False, eos_token_id=end_ids,
+    theirs = model.generate(**batch.model_inputs(), max_new_tokens=12, do_sample=False, eos_token_id=end_ids,
                             pad_token_id=end_ids[0])[:, batch.input_ids.shape[1]:]
     for row in range(len(mixed_samples)):
         n = int(ours.completion_mask[row].sum())
@@ -189,7 +183,7 @@ def test_sampling_follows_the_model_distribution(tiny, mixed_samples):
     rollout = modellib.sample(model, batch, 4000, modellib.Decoding(1, end_ids=end_ids),
                               generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        probs = model(**vars(batch)).logits[0, -1].softmax(-1)
+        probs = model(**batch.model_inputs()).logits[0, -1].softmax(-1)
     counts = torch.bincount(rollout.completion_ids[:, 0], minlength=probs.numel()) / 4000
     assert (counts - probs).abs().max() < 0.03
 
@@ -202,7 +196,7 @@ def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(ti
     model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()  # a flat distribution
     batch = encode(processor, mixed_samples[:1], [(56, 56)])
     with torch.no_grad():
-        probs = model(**vars(batch)).logits[0, -1].softmax(-1)
+        probs = model(**batch.model_inputs()).logits[0, -1].softmax(-1)
     assert probs.topk(3).values.sum() < 0.1  # without top-k, 9 draws in 10 would be other tokens
     rollout = modellib.sample(model, batch, 4000, modellib.Decoding(1, top_k=3),
                               generator=torch.Generator().manual_seed(0))
@@ -260,7 +254,7 @@ def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_
     batch = encode(loaded_processor, mixed_samples, SIZES["different"])
     assert loaded_processor.tokenizer.chat_template == CHAT_TEMPLATE
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**vars(batch)).logits, model(**vars(batch)).logits)
+        torch.testing.assert_close(loaded(**batch.model_inputs()).logits, model(**batch.model_inputs()).logits)
 
 
 def test_model_folder_without_processor_files_is_a_clear_error(tiny, tmp_path):
@@ -275,14 +269,14 @@ def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_sampl
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
     with torch.no_grad():
-        expected = model(**vars(batch)).logits
+        expected = model(**batch.model_inputs()).logits
     modellib.shard(model, bf16=False)
     checkpoint.save(model, processor, tmp_path / "ckpt", {"train_config.json": {"lr": 1.0}})
     reloaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     assert reloaded.generation_config.use_cache
     assert json.loads((tmp_path / "ckpt" / "train_config.json").read_text()) == {"lr": 1.0}
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**vars(batch)).logits, expected)
+        torch.testing.assert_close(reloaded(**batch.model_inputs()).logits, expected)
 
 
 def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mixed_samples, single_process_group):
@@ -313,7 +307,7 @@ def test_the_image_budget_is_really_applied(tiny_path):
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradients(tiny, mixed_samples,
+def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradients(any_model, mixed_samples,
                                                                                    single_process_group,
                                                                                    grad_checkpointing):
     """Oracle: each completion run whole, with its own copy of the prompt, on an unsharded copy of the model.
@@ -323,7 +317,7 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
     FSDP2; with gradient checkpointing, the completion pass is replayed in the
     backward pass on the same cache.
     """
-    model, processor = tiny
+    model, processor = any_model
     oracle = copy.deepcopy(model)
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
@@ -348,4 +342,6 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
 
     torch.testing.assert_close(shared[mask.bool()], expected[mask.bool()], rtol=0, atol=1e-5)
     for (name, param), (_, reference) in zip(model.named_parameters(), oracle.named_parameters()):
-        torch.testing.assert_close(param.grad.full_tensor(), reference.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # Rounding differs in the summation order: allowed up to 1e-5 of the gradient's own scale.
+        torch.testing.assert_close(param.grad.full_tensor(), reference.grad, rtol=1e-4,
+                                   atol=1e-5 * reference.grad.abs().max().item(), msg=name)
