@@ -12,6 +12,7 @@ Shapes: B prompts, G samples per prompt, P prompt tokens.
 import hashlib
 import os
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,13 +38,13 @@ def build_prompt(sample: dict, mode: str) -> str:
     return rewards.MODES[mode].text(problem_text(sample), sample.get("answer_type", "choice"))
 
 
-
 def random_guess_accuracy(samples: list[dict]) -> float | None:
     """The expected accuracy of picking one option (or yes or no) uniformly at random, averaged
     over samples; None where a question has no such set of answers (open, or closed but not
     yes/no)."""
     chances = [1 / len(s["options"]) if s["options"] else
-               0.5 if s["answer"].strip().lower() in ("yes", "no") else None for s in samples]
+               0.5 if s["answer_type"] == "closed" and rewards.is_yes_no(s["answer"]) else None
+               for s in samples]
     return None if None in chances else sum(chances) / len(chances)
 
 
@@ -68,10 +69,10 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
 
     train, test, notes, errors = [], [], [], [] if skip_bad_records else None
     if train_split and not test_split and any(
-            path.suffix != ".json" for files in sources.read_spec(train_split).values()
+            sources.file_kind(path) != "medr1" for files in sources.read_spec(train_split).values()
             for path in files):
-        raise DataError(f"--train_split {train_split}: only Med-R1's split files (.json) are "
-                        "tested on the rest of --data; pass --test_split too")
+        raise DataError(f"--train_split {train_split}: only Med-R1's split files are tested on "
+                        "the rest of --data; pass --test_split too")
     if not (train_split and test_split):
         train, test = split_by_image(sources.load_omnimedvqa(root, errors=errors))
     train = from_files(train_split) if train_split else train
@@ -102,33 +103,42 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
     return train, test
 
 
+# How sources.write_image names an image from a parquet file: its bytes' SHA-1.
+HASH_NAMED = re.compile(r"[0-9a-f]{40}")
+
+
 def question_key(sample: dict) -> tuple[tuple, str]:
     """What makes two records the same question: the image files, the question and its options."""
     return tuple(sample["images"]), problem_text(sample)
 
 
-def relative_images(sample: dict, root) -> list[str]:
-    """The sample's image paths relative to root, which name them on any machine."""
-    return [os.path.relpath(image, Path(root).resolve()) for image in sample["images"]]
+def image_names(sample: dict, root) -> list[str]:
+    """Names of the sample's images that hold on any machine: the path relative to root for an
+    image inside it, the file name for one written from a parquet file (named by its content's
+    hash), the absolute path for any other."""
+    root = Path(root).resolve()
+    return [os.path.relpath(image, root) if Path(image).is_relative_to(root) else
+            Path(image).name if HASH_NAMED.fullmatch(Path(image).stem) else image
+            for image in sample["images"]]
 
 
 def question_id(sample: dict, root) -> str:
     """A short name for a question that holds on any machine: its images relative to root and its
     text, hashed."""
-    relative = "\n".join(relative_images(sample, root))
+    relative = "\n".join(image_names(sample, root))
     return hashlib.sha1(f"{relative}\n{problem_text(sample)}".encode()).hexdigest()[:16]
 
 
 def training_record(samples: list[dict], root) -> dict:
     """What a checkpoint trained on (saved beside it): eval.py counts the test questions it saw."""
-    return {"images": sorted({image for s in samples for image in relative_images(s, root)}),
+    return {"images": sorted({image for s in samples for image in image_names(s, root)}),
             "questions": sorted({question_id(s, root) for s in samples})}
 
 
 def seen_in_training(record: dict, samples: list[dict], root) -> dict:
     """How many of samples' images and questions a checkpoint's training_record holds."""
     images, questions = set(record["images"]), set(record["questions"])
-    test_images = {image for s in samples for image in relative_images(s, root)}
+    test_images = {image for s in samples for image in image_names(s, root)}
     return {"test_images": len(test_images), "seen_images": len(test_images & images),
             "seen_questions": sum(question_id(s, root) in questions for s in samples)}
 
@@ -156,10 +166,11 @@ def split_by_image(samples: list[dict], test_fraction: float = 0.2, seed: int = 
     """A fixed 80/20-style split that keeps all questions of an image on one side.
 
     Questions that share an image, directly or through another question's
-    images, form one unit, named by one of its images; units are stratified by (modality, question type, answer letter of their
-    first question) so the test side has the same letter balance as the whole.
-    Rounding per stratum can leave every image of a small modality (or question
-    type) on one side; then one of them moves to the other side.
+    images, form one unit, named by one of its images. Units are stratified by
+    (modality, question type, answer letter of their first question) so the
+    test side has the same letter balance as the whole. Rounding per stratum
+    can leave every unit of a small modality (or question type) on one side;
+    then one of them moves to the other side.
     """
     unit = {}
 

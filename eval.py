@@ -240,7 +240,9 @@ def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
         for sample in held_out:
             column = sample["modality"] if cfg.columns == "modality" else sample["question_type"]
             sets.setdefault(column, []).append(sample)
-    return {name: samples[:cfg.max_samples or None] for name, samples in sorted(sets.items())}
+    # Test sets in the order given; the held-out side's columns in alphabetical order.
+    order = sets.items() if cfg.split_files else sorted(sets.items())
+    return {name: samples[:cfg.max_samples or None] for name, samples in order}
 
 
 def row_name(checkpoint: Path) -> str:

@@ -134,7 +134,8 @@ def select_rows(batch: PromptBatch, rows: torch.Tensor) -> PromptBatch:
     first = batch.image_counts.cumsum(0) - batch.image_counts  # (B,)
     images = torch.cat([torch.arange(first[r], first[r] + batch.image_counts[r])
                         for r in rows.tolist()])  # (images of the R rows,)
-    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())  # I x (patches, D)
+    # One (patches, D) block per image.
+    blocks = batch.pixel_values.split(batch.image_grid_thw.prod(dim=-1).tolist())
     return PromptBatch(
         input_ids=batch.input_ids[rows],  # (R, P)
         attention_mask=batch.attention_mask[rows],  # (R, P)

@@ -117,16 +117,22 @@ def extract_choice(text: str, options: dict) -> str | None:
 
 
 PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
-ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+ARTICLES = {"a", "an", "the"}
 
 
 def normalize_answer(text: str) -> str:
     """SQuAD-style: lower case, ASCII punctuation replaced by spaces, the words a/an/the
-    removed, whitespace collapsed to single spaces (none leading or trailing)."""
+    removed (unless nothing else is left), whitespace collapsed to single spaces."""
     # Punctuation becomes a space rather than nothing, so that "T2-weighted"
     # matches a gold "t2 weighted" (SQuAD's own script would make it "t2weighted").
-    text = PUNCTUATION.sub(" ", text.lower())
-    return " ".join(ARTICLES.sub(" ", text).split())
+    words = PUNCTUATION.sub(" ", text.lower()).split()
+    # A gold "A" (an option named in the question) stays a word an empty answer cannot match.
+    return " ".join([w for w in words if w not in ARTICLES] or words)
+
+
+def is_yes_no(text: str) -> bool:
+    """Whether the text is, once normalised, the word yes or the word no."""
+    return normalize_answer(text) in ("yes", "no")
 
 
 def yes_no(text: str) -> str | None:
@@ -154,9 +160,8 @@ def closed_accuracy(completion: str, sample: dict) -> float:
     (SLAKE's "Which is bigger, liver or spleen?") must match it after normalize_answer."""
     if answer_type(sample) == "choice":
         return choice_accuracy(completion, sample)
-    gold = normalize_answer(sample["answer"])
-    if gold in ("yes", "no"):
-        return float(yes_no(answer_text(completion)) == gold)
+    if is_yes_no(sample["answer"]):
+        return float(yes_no(answer_text(completion)) == normalize_answer(sample["answer"]))
     return exact_match(completion, sample)
 
 

@@ -5,8 +5,10 @@
 
 Readers: OmniMedVQA as distributed (`load_omnimedvqa`), Med-R1's released split
 files (`load_medr1_split`), our own JSONL records (`load_jsonl`, format in the
-README) and the benchmarks' Hugging Face parquet files (`load_parquet`). Every
-bad record raises DataError naming its file and record.
+README), the benchmarks' Hugging Face parquet files (`load_parquet`) and SLAKE's
+own JSON (`load_slake`); `load_file` picks one by the file. Every bad record
+raises DataError naming its file and record, or, given an errors list
+(--skip_bad_records), is recorded there and skipped.
 """
 
 import ast
@@ -16,6 +18,8 @@ import json
 import os
 import re
 from pathlib import Path
+
+import rewards
 
 
 # Med-R1's names for the 8 modalities -> OmniMedVQA's `modality_type` strings
@@ -48,16 +52,20 @@ class DataError(ValueError):
     """A record or file that cannot be used; the message names it."""
 
 
-def read_records(path: Path) -> list[dict]:
-    """A JSON file's list of records (UTF-8, a byte-order mark allowed); DataError otherwise."""
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text (a byte-order mark allowed); DataError naming the file otherwise."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except OSError as error:
         raise DataError(f"{path}: cannot be read ({error.strerror})") from error
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 (byte {error.start}): save it as UTF-8") from error
+
+
+def read_records(path: Path) -> list[dict]:
+    """A JSON file's list of records; DataError otherwise."""
     try:
-        records = json.loads(text)
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno} column "
                         f"{error.colno})") from error
@@ -81,6 +89,16 @@ def check_text(where: str, fields: dict) -> None:
         if token := SPECIAL_TOKEN.search(value):
             raise DataError(f"{where}: {name} holds the special token {token.group(0)!r}, which "
                             "the tokenizer would read as a control token: remove it")
+
+
+def kept(samples: list, make, errors: list | None) -> None:
+    """Append make()'s sample; its DataError raises, or with an errors list is recorded there."""
+    try:
+        samples.append(make())
+    except DataError as error:
+        if errors is None:
+            raise
+        errors.append(str(error))
 
 
 def inside(root, relative, where: str, field: str) -> str:
@@ -138,12 +156,7 @@ def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | N
     samples = []
     for path in files:
         for record in read_records(path):
-            try:
-                samples.append(record_to_sample(record, str(path), root))
-            except DataError as error:
-                if errors is None:
-                    raise
-                errors.append(str(error))
+            kept(samples, lambda: record_to_sample(record, str(path), root), errors)
     samples = select(samples, modalities, question_types)
     if not samples:
         raise DataError(f"no samples in {root} for modalities={modalities}, "
@@ -159,8 +172,6 @@ def select(samples: list[dict], modalities=None, question_types=None) -> list[di
 
 # Med-R1's `solution` field: the gold letter, space-padded, in an answer tag.
 MEDR1_SOLUTION = re.compile(r"<answer>\s*([A-Z])\s*</answer>")
-
-
 
 
 def parse_problem(problem: str, where: str) -> tuple[str, dict]:
@@ -184,42 +195,47 @@ def parse_problem(problem: str, where: str) -> tuple[str, dict]:
     return question, options
 
 
-def load_medr1_split(path, image_root=None) -> list[dict]:
+def load_medr1_split(path, image_root=None, errors: list | None = None) -> list[dict]:
     """Read one of Med-R1's split files ({image, problem, solution} records) as samples."""
     path = Path(path)
     # The file is named after an OmniMedVQA modality_type or a question type, then "_train"/"_test".
     name = path.stem.rsplit("_", 1)[0]
     if name not in MODALITY_BY_TYPE and name not in QUESTION_TYPES:
-        raise DataError(f"{path}: the name does not start with a modality type "
+        raise DataError(f"{path}: not SLAKE's (no img_name in its first record) nor a Med-R1 split "
+                        f"file: the name does not start with a modality type "
                         f"{list(MODALITY_BY_TYPE)} or a question type {QUESTION_TYPES}")
     samples = []
     for index, record in enumerate(read_records(path)):
-        where = f"{path}, record {index}"
-        missing = [k for k in ("image", "problem", "solution") if k not in record]
-        if missing:
-            raise DataError(f"{where}: missing field(s) {missing}")
-        check_text(where, {k: record[k] for k in ("image", "problem", "solution")})
-        question, options = parse_problem(record["problem"], where)
-        solution = MEDR1_SOLUTION.fullmatch(record["solution"].strip())
-        if not solution or solution.group(1) not in options:
-            raise DataError(f"{where}: solution {record['solution']!r} names none of the options "
-                            f"{list(options)}")
-        samples.append({
-            "id": f"{path.stem}#{index}",
-            "images": [inside(image_root, record["image"], where, "image") if image_root else
-                       record["image"]],
-            "question": question,
-            "options": options,
-            "answer": solution.group(1),
-            "answer_type": "choice",
-            "modality": MODALITY_BY_TYPE.get(name, ""),
-            "question_type": name if name in QUESTION_TYPES else "",
-        })
+        kept(samples, lambda: medr1_sample(record, f"{path}, record {index}",
+                                           f"{path.stem}#{index}", name, image_root), errors)
     return samples
 
 
+def medr1_sample(record: dict, where: str, sample_id: str, name: str, image_root) -> dict:
+    """One record of a Med-R1 split file named after name (a modality type or question type)."""
+    missing = [k for k in ("image", "problem", "solution") if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    check_text(where, {k: record[k] for k in ("image", "problem", "solution")})
+    question, options = parse_problem(record["problem"], where)
+    solution = MEDR1_SOLUTION.fullmatch(record["solution"].strip())
+    if not solution or solution.group(1) not in options:
+        raise DataError(f"{where}: solution {record['solution']!r} names none of the options "
+                        f"{list(options)}")
+    return {
+        "id": sample_id,
+        "images": [inside(image_root, record["image"], where, "image") if image_root else
+                   record["image"]],
+        "question": question,
+        "options": options,
+        "answer": solution.group(1),
+        "answer_type": "choice",
+        "modality": MODALITY_BY_TYPE.get(name, ""),
+        "question_type": name if name in QUESTION_TYPES else "",
+    }
 
-# ---------------------------------------------------------------- our own records (JSONL)
+
+# ---------------------------------------------------------------- questions of any answer type
 
 ANSWER_TYPES = ("choice", "closed", "open")
 # Option letters beyond OmniMedVQA's four (MMMU has up to nine options).
@@ -227,17 +243,18 @@ LETTERS_ALL = "ABCDEFGHIJ"
 
 
 def answer_type_of(options: dict, answer: str) -> str:
-    """choice with options; closed for a yes/no answer (as VQA-RAD and PathVQA count it); else open."""
+    """choice with options; closed for a yes/no answer (our rule where a file gives no type);
+    else open."""
     if options:
         return "choice"
-    return "closed" if answer.strip().lower() in ("yes", "no") else "open"
+    return "closed" if rewards.is_yes_no(answer) else "open"
 
 
 def free_sample(where: str, sample_id: str, images: list[str], question: str, answer: str,
                 options: dict | list | None = None, answer_type: str | None = None,
                 modality: str = "", question_type: str = "") -> dict:
     """One sample from its parts, checked; options may be a list (lettered A, B, ...)."""
-    if isinstance(options, list):
+    if isinstance(options, list) and len(options) <= len(LETTERS_ALL):
         options = dict(zip(LETTERS_ALL, options))
     options = options or {}
     if not isinstance(options, dict) or list(options) != list(LETTERS_ALL[:len(options)]):
@@ -257,12 +274,21 @@ def free_sample(where: str, sample_id: str, images: list[str], question: str, an
     if options and (len(options) < 2 or answer not in options):
         raise DataError(f"{where}: answer {answer!r} must be the letter of one of at least 2 "
                         f"options {list(options)}")
-    if not answer.strip():
-        raise DataError(f"{where}: the answer is empty")
+    # Free-text answers are scored after rewards.normalize_answer: an answer of no words
+    # would be matched by an empty one.
+    if not (options or rewards.normalize_answer(answer)):
+        raise DataError(f"{where}: the answer {answer!r} has no words")
     return {"id": sample_id, "images": images, "question": question, "options": options,
             "answer": answer, "answer_type": answer_type, "modality": modality,
             "question_type": question_type}
 
+
+def text_of(value):
+    """A number as text (benchmarks store some answers as numbers); anything else as it is."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+# ---------------------------------------------------------------- our own records (JSONL)
 
 JSONL_FIELDS = {"id", "images", "image", "question", "answer", "options", "answer_type",
                 "modality", "question_type"}
@@ -270,26 +296,13 @@ JSONL_FIELDS = {"id", "images", "image", "question", "answer", "options", "answe
 
 def load_jsonl(path, errors: list | None = None) -> list[dict]:
     """Our record format, one JSON object per line (README: "Your own data"); image paths are
-    relative to the file's folder (or absolute). A bad record raises DataError naming its line,
-    or with an errors list is recorded there and skipped."""
+    relative to the file's folder (or absolute)."""
     path = Path(path)
-    try:
-        lines = path.read_bytes().decode("utf-8-sig").splitlines()
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror})") from error
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 (byte {error.start}): save it as UTF-8") from error
     samples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            samples.append(jsonl_sample(line, where, f"{path.name}#{number}", path.parent))
-        except DataError as error:
-            if errors is None:
-                raise
-            errors.append(str(error))
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if line.strip():
+            kept(samples, lambda: jsonl_sample(line, f"{path}, line {number}",
+                                               f"{path.name}#{number}", path.parent), errors)
     if not samples and errors is None:
         raise DataError(f"{path}: no records")
     return samples
@@ -311,23 +324,24 @@ def jsonl_sample(line: str, where: str, default_id: str, folder: Path) -> dict:
     images = record["images"] if "images" in record else [record["image"]]
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise DataError(f"{where}: images must be a list of paths, not {images!r}")
-    return free_sample(where, str(record.get("id", default_id)),
+    sample_id = record.get("id")
+    return free_sample(where, default_id if sample_id is None else str(sample_id),
                        [str((folder / image).resolve()) for image in images],
                        record["question"], record["answer"], record.get("options"),
                        record.get("answer_type"), record.get("modality", ""),
                        record.get("question_type", ""))
 
 
-# ---------------------------------------------------------------- the benchmarks' parquet files
+# ---------------------------------------------------------------- the benchmarks' own files
 
 # The benchmarks' parquet files on the Hugging Face hub name a question's parts differently;
 # column names are compared lower-cased without spaces and underscores. VQA-RAD, PathVQA and
 # SLAKE's English mirror: image, question, answer. PMC-VQA's: also choice a-d and answer label
 # ("A:Liver" choices). MMMU: image_1 to image_7, options (a Python list as text), answer (a
 # letter, or text when question_type is "open"), subfield. MedVLThinker's: images (a list),
-# options, answer_label.
+# options, answer_label. SLAKE's: also answer_type (OPEN / CLOSED) and q_lang.
 IMAGE_COLUMNS = ["image", "images"] + [f"image{n}" for n in range(1, 8)]
-CHOICE_COLUMNS = ["choicea", "choiceb", "choicec", "choiced"]
+CHOICE_COLUMNS = {"choicea": "A", "choiceb": "B", "choicec": "C", "choiced": "D"}
 
 
 def column_key(name: str) -> str:
@@ -335,48 +349,58 @@ def column_key(name: str) -> str:
     return re.sub(r"[\s_]", "", name.lower())
 
 
-def load_parquet(path: Path, image_folder: Path) -> list[dict]:
-    """A benchmark's parquet file as samples; each image's bytes are written once to image_folder
-    (named by their hash), so the rest of the pipeline reads paths."""
+def load_parquet(path: Path, image_folder: Path, errors: list | None = None) -> list[dict]:
+    """A benchmark's parquet file as samples, its English questions where it has a q_lang column;
+    each image's bytes are written once to image_folder (named by their hash), so the rest of
+    the pipeline reads paths."""
     try:
         import pyarrow.parquet
     except ImportError as error:
         raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from error
     try:
-        table = pyarrow.parquet.read_table(path)
+        table = pyarrow.parquet.ParquetFile(path)
     except Exception as error:
         raise DataError(f"{path}: not a readable parquet file ({error})") from error
-    columns = {column_key(c) for c in table.column_names}
-    image_columns = [c for c in IMAGE_COLUMNS if c in columns]
-    if not (image_columns and "question" in columns and columns & {"answer", "answerlabel"}):
+    columns = {column_key(c) for c in table.schema_arrow.names}
+    if not (columns & set(IMAGE_COLUMNS) and "question" in columns
+            and columns & {"answer", "answerlabel"}):
         raise DataError(f"{path}: needs an image column (image, images or image_1...), question "
-                        f"and answer; it has {table.column_names}")
+                        f"and answer; it has {table.schema_arrow.names}")
     image_folder.mkdir(parents=True, exist_ok=True)
-    samples = []
-    for row, raw in enumerate(table.to_pylist()):
-        record = {column_key(k): v for k, v in raw.items()}
-        where = f"{path}, row {row}"
-        cells = [cell for c in image_columns
-                 for cell in (record[c] if isinstance(record[c], list) else [record[c]])
-                 if cell is not None]
-        options = parquet_options(record, where)
-        answer = (options and record.get("answerlabel")) or record.get("answer")
-        if answer is None:
-            raise DataError(f"{where}: no answer")
-        samples.append(free_sample(
-            where, str(record.get("id") or record.get("qid") or f"{path.name}#{row}"),
-            [write_image(cell, image_folder, where) for cell in cells], record["question"],
-            str(answer), options, parquet_answer_type(record), record.get("modality") or "",
-            record.get("subfield") or ""))
+    samples, row = [], 0
+    # A few hundred rows at a time: a benchmark's file holds every image's bytes.
+    for batch in table.iter_batches(batch_size=256):
+        for raw in batch.to_pylist():
+            record = {column_key(k): v for k, v in raw.items()}
+            if record.get("qlang", "en") == "en":
+                kept(samples, lambda: parquet_sample(record, f"{path}, row {row}",
+                                                     f"{path.name}#{row}", image_folder), errors)
+            row += 1
     return samples
 
 
-def parquet_options(record: dict, where: str) -> list | dict | None:
+def parquet_sample(record: dict, where: str, default_id: str, image_folder: Path) -> dict:
+    """One row of a benchmark's parquet file (column names as column_key makes them)."""
+    cells = [cell for column in IMAGE_COLUMNS if record.get(column) is not None
+             for cell in (record[column] if isinstance(record[column], list) else [record[column]])
+             if cell is not None]
+    options = parquet_options(record, where)
+    answer = text_of((options and record.get("answerlabel")) or record.get("answer"))
+    sample_id = next((record[k] for k in ("id", "qid") if record.get(k) is not None), default_id)
+    return free_sample(where, str(sample_id), [write_image(c, image_folder, where) for c in cells],
+                       record["question"], answer, options, parquet_answer_type(record),
+                       record.get("modality") or "", record.get("subfield") or "")
+
+
+def parquet_options(record: dict, where: str) -> dict | list | None:
     """The options of a multiple-choice row (MMMU's `options`, PMC-VQA's choices), or None."""
-    if record.get("choicea") is not None:
+    if any(record.get(column) is not None for column in CHOICE_COLUMNS):
+        choices = {letter: record.get(column) for column, letter in CHOICE_COLUMNS.items()}
+        choices = {letter: text for letter, text in choices.items() if text not in (None, "")}
+        check_text(where, {f"choice {letter}": text for letter, text in choices.items()})
         # PMC-VQA writes each choice with its label: "A:Liver", " B: Spleen".
-        return [re.sub(r"^\s*[A-D]\s*:\s*", "", record[c]) for c in CHOICE_COLUMNS
-                if record.get(c)]
+        return {letter: re.sub(rf"^\s*{letter}\s*:\s*", "", text)
+                for letter, text in choices.items()}
     options = record.get("options")
     if isinstance(options, str):
         try:
@@ -408,43 +432,48 @@ def write_image(cell, folder: Path, where: str) -> str:
     return str(path)
 
 
-def load_slake(path: Path) -> list[dict]:
+def load_slake(path: Path, errors: list | None = None) -> list[dict]:
     """SLAKE as its authors ship it (train.json, validation.json, test.json beside imgs/): the
     English questions (q_lang "en"), as the papers report; answer_type OPEN or CLOSED."""
     samples = []
     for index, record in enumerate(read_records(path)):
-        if record.get("q_lang") != "en":
-            continue
-        where = f"{path}, record {index}"
-        missing = [k for k in ("img_name", "question", "answer", "answer_type") if k not in record]
-        if missing:
-            raise DataError(f"{where}: missing field(s) {missing}")
-        samples.append(free_sample(
-            where, str(record.get("qid", index)),
-            [inside(path.parent / "imgs", record["img_name"], where, "img_name")],
-            record["question"], str(record["answer"]), None, str(record["answer_type"]).lower(),
-            record.get("modality", ""), record.get("content_type", "")))
-    if not samples:
+        if record.get("q_lang") == "en":
+            kept(samples, lambda: slake_sample(record, f"{path}, record {index}", path.parent),
+                 errors)
+    if not samples and errors is None:
         raise DataError(f"{path}: no English (q_lang en) questions")
     return samples
+
+
+def slake_sample(record: dict, where: str, folder: Path) -> dict:
+    """One record of SLAKE's JSON; its image is imgs/<img_name> beside the file."""
+    missing = [k for k in ("qid", "img_name", "question", "answer", "answer_type")
+               if k not in record]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing}")
+    check_text(where, {"img_name": record["img_name"], "answer_type": record["answer_type"]})
+    return free_sample(where, str(record["qid"]),
+                       [inside(folder / "imgs", record["img_name"], where, "img_name")],
+                       record["question"], text_of(record["answer"]), None,
+                       record["answer_type"].lower(), record.get("modality", ""),
+                       record.get("content_type", ""))
 
 
 # ---------------------------------------------------------------- any file, and sets of files
 
 
 def read_spec(spec: str) -> dict[str, list[Path]]:
-    """Comma-separated `[name=]file[+file...]` entries -> name -> files; a file may be a glob
-    pattern. Unnamed entries are named by default_name."""
+    """Comma-separated `[name=]file[+file...]` entries -> name -> files, in order; a file may be
+    a glob pattern. Unnamed entries are named by default_name."""
     sets = {}
     for entry in filter(None, spec.split(",")):
         name, _, files = entry.rpartition("=")
         paths = []
         for pattern in files.split("+"):
-            matches = [Path(p) for p in sorted(glob.glob(pattern))] if glob.has_magic(pattern) else [
-                Path(pattern)]
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
             if not matches:
                 raise DataError(f"{pattern}: no file matches")
-            paths += matches
+            paths += map(Path, matches)
         name = name or default_name(paths[0])
         if name in sets:
             raise DataError(f"{entry}: a second set named {name!r}: name each set (name=file)")
@@ -463,20 +492,28 @@ def default_name(path: Path) -> str:
     return MODALITY_BY_TYPE.get(name, name) if path.suffix == ".json" else path.stem
 
 
-def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[dict]:
-    """The samples of one file, read by its kind: .json SLAKE's own or a Med-R1 split file (its
-    images under image_root), .jsonl our records, .parquet a benchmark's (images written to
-    cache_dir)."""
-    path = Path(path)
+def file_kind(path: Path) -> str:
+    """Which reader takes a file: by its suffix, and a .json file by its first record (SLAKE's
+    have img_name, Med-R1's split files image)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".json" and "img_name" in (read_records(path)[:1] or [{}])[0]:
-        return load_slake(path)
     if path.suffix == ".json":
-        return load_medr1_split(path, image_root)
-    if path.suffix == ".jsonl":
+        return "slake" if "img_name" in (read_records(path)[:1] or [{}])[0] else "medr1"
+    if path.suffix in (".jsonl", ".parquet"):
+        return path.suffix[1:]
+    raise DataError(f"{path}: not a file this project reads (.json: Med-R1 split or SLAKE, "
+                    ".jsonl: our records, .parquet: a benchmark as the Hugging Face hub ships it)")
+
+
+def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[dict]:
+    """The samples of one file (file_kind): a Med-R1 split file's images are under image_root, a
+    parquet file's are written to cache_dir/images."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "medr1":
+        return load_medr1_split(path, image_root, errors)
+    if kind == "slake":
+        return load_slake(path, errors)
+    if kind == "jsonl":
         return load_jsonl(path, errors)
-    if path.suffix == ".parquet":
-        return load_parquet(path, Path(cache_dir) / "images")
-    raise DataError(f"{path}: not a file this project reads (.json: Med-R1 split, .jsonl: our "
-                    "records, .parquet: a benchmark as the Hugging Face hub ships it)")
+    return load_parquet(path, (Path(cache_dir) / "images").resolve(), errors)

@@ -10,6 +10,7 @@ from rewards import (
     closed_accuracy,
     exact_match,
     extract_choice,
+    is_yes_no,
     format_reward,
     normalize_answer,
     score,
@@ -183,7 +184,8 @@ def test_answer_text_is_the_last_tag_without_emphasis_or_label(completion, text)
         ("Crohn's disease", "crohn s disease"),
         ("theory of a thing", "theory of thing"),  # articles only as whole words
         ("Yes!", "yes"),
-        ("a", ""),
+        ("a", "a"),  # nothing but articles: they stay
+        ("the a", "the a"),
         ("", ""),
     ],
 )
@@ -208,6 +210,12 @@ def test_normalize_answer_lowers_and_drops_punctuation_and_articles(text, normal
 )
 def test_yes_no_reads_only_a_leading_yes_or_no_word(text, answer):
     assert yes_no(text) == answer
+
+
+@pytest.mark.parametrize("text, expected", [("Yes.", True), ("no", True), (" NO ", True),
+                                            ("No, it is not", False), ("yesterday", False), ("", False)])
+def test_a_gold_is_yes_no_only_when_it_is_the_word_alone(text, expected):
+    assert is_yes_no(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -264,7 +272,9 @@ def test_exact_match_table(completion, gold, expected):
         ("<answer>lung</answer>", "lung lung left", 0.5),  # gold words counted once
         ("<answer>heart</answer>", "left lung", 0.0),
         ("<answer></answer>", "left lung", 0.0),
-        ("<answer>the</answer>", "a", 1.0),  # both empty after normalising
+        ("<answer>the</answer>", "a", 0.0),  # a gold of articles only keeps them
+        ("<answer>A</answer>", "a", 1.0),
+        ("<answer></answer>", "a", 0.0),
     ],
 )
 def test_token_recall_table(completion, gold, expected):
@@ -286,7 +296,8 @@ def test_token_recall_table(completion, gold, expected):
         ("<answer>heart</answer>", "left lung", 0.0),
         ("<answer></answer>", "left lung", 0.0),
         ("<answer>left lung</answer>", "the", 0.0),
-        ("<answer>the</answer>", "an", 1.0),
+        ("<answer>the</answer>", "an", 0.0),
+        ("<answer>an</answer>", "An", 1.0),
     ],
 )
 def test_token_f1_table(completion, gold, expected):

@@ -80,8 +80,10 @@ GOOD = {"image": "a.png", "question": "Q?", "answer": "A", "options": ["x", "y"]
     (json.dumps({"image": "a.png", "question": "Q?", "answer": "x", "answer_type": "free"}),
      "answer_type 'free' is not one of"),
     (json.dumps({"image": "a.png", "question": "Q?", "answer": 3}), "answer must be a string, not int"),
-    (json.dumps({"image": "a.png", "question": "Q?", "answer": " "}), "the answer is empty"),
+    (json.dumps({"image": "a.png", "question": "Q?", "answer": " "}), "the answer ' ' has no words"),
     (json.dumps({"image": "a.png", "question": "Q <|im_end|>?", "answer": "x"}), "special token"),
+    (json.dumps({"image": "a.png", "question": "Q?", "answer": "?"}), "the answer '\\?' has no words"),
+    (json.dumps({**GOOD, "options": list("ABCDEFGHIJK")}), "at most 10"),
 ])
 def test_a_bad_jsonl_record_is_named_by_its_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -108,6 +110,8 @@ def test_vqa_rad_parquet_as_shipped_gives_closed_and_open_questions(tmp_path):
     assert samples[0]["images"] == samples[2]["images"]  # the same bytes are written once
     assert [Path(s["images"][0]).read_bytes() for s in samples] == [images[0], images[1], images[0]]
     assert samples[1]["id"] == path.name + "#1"
+    # Named by their content on any machine, whatever the cache folder or data root.
+    assert data.image_names(samples[1], tmp_path / "elsewhere") == [Path(samples[1]["images"][0]).name]
     assert data.random_guess_accuracy([samples[0], samples[2]]) == 0.5
     assert data.random_guess_accuracy(samples) is None  # an open question has no chance accuracy
 
@@ -122,6 +126,27 @@ def test_pmc_vqa_parquet_choices_lose_their_labels(tmp_path):
     assert sample["options"] == {"A": "Spleen", "B": "Liver", "C": "Kidney", "D": "Heart"}
     assert (sample["answer"], sample["answer_type"]) == ("B", "choice")
     assert sample["images"][0].endswith(".jpg")
+
+
+def test_bad_benchmark_rows_are_named_and_skipped_with_an_errors_list(tmp_path):
+    """A choice left empty would shift the letters after it (and the gold with them): refused."""
+    image = {"bytes": png(), "path": None}
+    rows = [{"image": image, "question": "Q?", "answer": "x", "choice a": "A:x", "choice b": None,
+             "choice c": "C:y", "answer label": "C", "q_lang": "en", "qid": 0},
+            {"image": image, "question": "Q?", "answer": "x", "choice a": "A:x", "choice b": "B:y",
+             "choice c": None, "answer label": "B", "q_lang": "en", "qid": 1},
+            {"image": image, "question": None, "answer": "x", "choice a": "A:x", "choice b": "B:y",
+             "choice c": None, "answer label": "A", "q_lang": "en", "qid": 2},
+            {"image": image, "question": "问题?", "answer": "x", "choice a": "A:x", "choice b": "B:y",
+             "choice c": None, "answer label": "A", "q_lang": "zh", "qid": 3}]
+    path = write_parquet(tmp_path / "t.parquet", rows)
+    with pytest.raises(data.DataError, match="t.parquet, row 0: options must be .* the keys A, B, ... in order"):
+        sources.load_file(path, None, tmp_path)
+    errors = []
+    [sample] = sources.load_file(path, None, tmp_path, errors)  # row 3 is not English: left out
+    assert (sample["id"], sample["options"], sample["answer"]) == ("1", {"A": "x", "B": "y"}, "B")
+    assert [e.split(": ")[0] for e in errors] == [f"{path}, row 0", f"{path}, row 2"]
+    assert "question must be a string, not NoneType" in errors[1]
 
 
 def test_mmmu_parquet_questions_keep_all_their_images_in_order(tmp_path):
@@ -160,6 +185,8 @@ def test_slake_as_its_authors_ship_it_keeps_the_english_questions(tmp_path):
         {**record, "qid": 4, "question": "Where is the abnormality?", "answer": "Left Lung, Right",
          "q_lang": "en", "answer_type": "OPEN"}]))
     samples = sources.load_file(tmp_path / "test.json", None, tmp_path / "cache")
+    with pytest.raises(data.DataError, match="only Med-R1's split files are tested on the rest of --data"):
+        data.load_splits(tmp_path, [], [], train_split=str(tmp_path / "test.json"))
     assert [(s["id"], s["answer_type"], s["answer"]) for s in samples] == [
         ("1", "closed", "No"), ("3", "closed", "Liver"), ("4", "open", "Left Lung, Right")]
     assert samples[0]["images"] == [str(tmp_path / "imgs" / "xmlab0" / "source.jpg")]
