@@ -103,6 +103,8 @@ def extract_choice(text: str, options: dict) -> str | None:
     With no tag at all the whole completion is read by the same rules (a model
     asked zero-shot answers "B" or "B) MRI"); prose around a letter is not.
     """
+    if not options:
+        return None  # a question without options has no letter to choose
     content = answer_text(text)
     # A bare word such as "a" in prose never reaches here as a letter: the
     # patterns need the whole tag content to be the letter, or a labelled letter.

@@ -223,8 +223,7 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     metrics = update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                             reward_table)
     # The sampled-letter histogram shows a letter dying out (then only the KL revives it).
-    choices = [rewards.extract_choice(t, s["options"]) if s["options"] else None
-               for t, s in zip(texts, row_samples)]
+    choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
     lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
     metrics.update({
         "reward": reward_table.sum(dim=1).mean().item(),

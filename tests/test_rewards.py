@@ -103,6 +103,10 @@ def test_extract_choice_returns_the_upper_case_letter_or_none(text, letter):
     assert extract_choice(text, OPTIONS) == letter
 
 
+def test_a_question_without_options_has_no_choice():
+    assert extract_choice("<answer>A</answer>", {}) is None
+
+
 def test_rewards_registry_maps_names_to_functions_of_completion_and_sample():
     sample = {**SAMPLE, "mode": "no-think"}
     assert REWARDS["format"]("<answer>B</answer>", sample) == 1.0
