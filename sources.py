@@ -5,13 +5,15 @@
 
 Readers: OmniMedVQA as distributed (`load_omnimedvqa`), Med-R1's released split
 files (`load_medr1_split`), our own JSONL records (`load_jsonl`, format in the
-README), the benchmarks' Hugging Face parquet files (`load_parquet`) and SLAKE's
-own JSON (`load_slake`); `load_file` picks one by the file. Every bad record
+README), the benchmarks' Hugging Face parquet files (`load_parquet`), SLAKE's
+own JSON (`load_slake`) and PMC-VQA's own CSV (`load_pmc_vqa_csv`); `load_file`
+picks one by the file. Every bad record
 raises DataError naming its file and record, or, given an errors list
 (--skip_bad_records), is recorded there and skipped.
 """
 
 import ast
+import csv
 import glob
 import hashlib
 import json
@@ -339,7 +341,8 @@ def jsonl_sample(line: str, where: str, default_id: str, folder: Path) -> dict:
 # SLAKE's English mirror: image, question, answer. PMC-VQA's: also choice a-d and answer label
 # ("A:Liver" choices). MMMU: image_1 to image_7, options (a Python list as text), answer (a
 # letter, or text when question_type is "open"), subfield. MedVLThinker's: images (a list),
-# options, answer_label. SLAKE's: also answer_type (OPEN / CLOSED) and q_lang.
+# options, answer_label. SLAKE's: also answer_type (OPEN / CLOSED) and q_lang. PMC-VQA's own
+# CSV files: Figure_path, Question, Answer, Choice A-D, Answer_label.
 IMAGE_COLUMNS = ["image", "images"] + [f"image{n}" for n in range(1, 8)]
 CHOICE_COLUMNS = {"choicea": "A", "choiceb": "B", "choicec": "C", "choiced": "D"}
 
@@ -373,26 +376,48 @@ def load_parquet(path: Path, image_folder: Path, errors: list | None = None) -> 
         for raw in batch.to_pylist():
             record = {column_key(k): v for k, v in raw.items()}
             if record.get("qlang", "en") == "en":
-                kept(samples, lambda: parquet_sample(record, f"{path}, row {row}",
-                                                     f"{path.name}#{row}", image_folder), errors)
+                where = f"{path}, row {row}"
+                kept(samples, lambda: benchmark_sample(
+                    record, where, f"{path.name}#{row}", parquet_images(record, image_folder, where)),
+                    errors)
             row += 1
     return samples
 
 
-def parquet_sample(record: dict, where: str, default_id: str, image_folder: Path) -> dict:
-    """One row of a benchmark's parquet file (column names as column_key makes them)."""
+def parquet_images(record: dict, folder: Path, where: str) -> list[str]:
+    """A parquet row's images, in column order, written to folder."""
     cells = [cell for column in IMAGE_COLUMNS if record.get(column) is not None
              for cell in (record[column] if isinstance(record[column], list) else [record[column]])
              if cell is not None]
-    options = parquet_options(record, where)
+    return [write_image(cell, folder, where) for cell in cells]
+
+
+def load_pmc_vqa_csv(path: Path, errors: list | None = None) -> list[dict]:
+    """PMC-VQA as its authors ship it: train.csv, test.csv or test_clean.csv beside images/ (from
+    images.zip), whose Figure_path names the image."""
+    samples = []
+    for row, raw in enumerate(csv.DictReader(read_text(path).splitlines())):
+        record = {column_key(k): v for k, v in raw.items() if k is not None}
+        where = f"{path}, row {row}"
+        kept(samples, lambda: benchmark_sample(record, where, f"{path.name}#{row}", [inside(
+            path.parent / "images", record.get("figurepath") or "", where, "Figure_path")]),
+            errors)
+    if not samples and errors is None:
+        raise DataError(f"{path}: no rows")
+    return samples
+
+
+def benchmark_sample(record: dict, where: str, default_id: str, images: list[str]) -> dict:
+    """One row of a benchmark's file (column names as column_key makes them), with its images."""
+    options = benchmark_options(record, where)
     answer = text_of((options and record.get("answerlabel")) or record.get("answer"))
     sample_id = next((record[k] for k in ("id", "qid") if record.get(k) is not None), default_id)
-    return free_sample(where, str(sample_id), [write_image(c, image_folder, where) for c in cells],
-                       record["question"], answer, options, parquet_answer_type(record),
-                       record.get("modality") or "", record.get("subfield") or "")
+    return free_sample(where, str(sample_id), images, record.get("question"), answer, options,
+                       benchmark_answer_type(record), record.get("modality") or "",
+                       record.get("subfield") or "")
 
 
-def parquet_options(record: dict, where: str) -> dict | list | None:
+def benchmark_options(record: dict, where: str) -> dict | list | None:
     """The options of a multiple-choice row (MMMU's `options`, PMC-VQA's choices), or None."""
     if any(record.get(column) is not None for column in CHOICE_COLUMNS):
         choices = {letter: record.get(column) for column, letter in CHOICE_COLUMNS.items()}
@@ -410,7 +435,7 @@ def parquet_options(record: dict, where: str) -> dict | list | None:
     return options or None
 
 
-def parquet_answer_type(record: dict) -> str | None:
+def benchmark_answer_type(record: dict) -> str | None:
     """SLAKE's answer_type or MMMU's question_type, or None to infer it (answer_type_of)."""
     if record.get("questiontype") in ("multiple-choice", "open"):
         return "choice" if record["questiontype"] == "multiple-choice" else "open"
@@ -499,10 +524,11 @@ def file_kind(path: Path) -> str:
         raise DataError(f"{path}: no such file")
     if path.suffix == ".json":
         return "slake" if "img_name" in (read_records(path)[:1] or [{}])[0] else "medr1"
-    if path.suffix in (".jsonl", ".parquet"):
+    if path.suffix in (".jsonl", ".parquet", ".csv"):
         return path.suffix[1:]
     raise DataError(f"{path}: not a file this project reads (.json: Med-R1 split or SLAKE, "
-                    ".jsonl: our records, .parquet: a benchmark as the Hugging Face hub ships it)")
+                    ".jsonl: our records, .parquet: a benchmark as the Hugging Face hub ships it, "
+                    ".csv: PMC-VQA)")
 
 
 def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[dict]:
@@ -516,4 +542,6 @@ def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[d
         return load_slake(path, errors)
     if kind == "jsonl":
         return load_jsonl(path, errors)
+    if kind == "csv":
+        return load_pmc_vqa_csv(path, errors)
     return load_parquet(path, (Path(cache_dir) / "images").resolve(), errors)

@@ -47,7 +47,7 @@ class Config:
     data: str = ""  # OmniMedVQA root (QA_information/, Images/); empty = synthetic data
     modalities: str = ""  # comma-separated Med-R1 modality names (CT, MRI, ...); empty = all
     question_types: str = ""  # comma-separated; empty = all (synthetic data: Modality Recognition)
-    train_split: str = ""  # files to train on (README: Data); empty = 80/20 of --data by image
+    train_split: str = ""  # files to train on (README: your own data); empty = 80/20 of --data
     test_split: str = ""  # held-out files evaluated during training; empty = the 20%
     drop_test_images: bool = True  # no image on both sides; false: only questions (Med-R1's files)
     prompt_mode: str = "think-after"  # think-after (answer, then rationale), think-before, no-think

@@ -128,6 +128,25 @@ def test_pmc_vqa_parquet_choices_lose_their_labels(tmp_path):
     assert sample["images"][0].endswith(".jpg")
 
 
+def test_pmc_vqa_csv_as_its_authors_ship_it(tmp_path):
+    """train.csv / test_clean.csv beside images/ (images.zip), choices written "A:text"."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (30, 20)).save(tmp_path / "images" / "PMC1_F2.jpg")
+    (tmp_path / "test_clean.csv").write_text(
+        "Figure_path,Question,Answer,Choice A,Choice B,Choice C,Choice D,Answer_label\n"
+        'PMC1_F2.jpg,"What does the arrow show, in red?",Cyst, A:Tumour, B:Cyst, C:Abscess, D:Normal,B\n'
+        "PMC1_F2.jpg,Which stain?,H&E,A:H&E,B:PAS,,,E\n")
+    errors = []
+    [sample] = sources.load_file(tmp_path / "test_clean.csv", None, tmp_path, errors)
+    assert sample == {"id": "test_clean.csv#0", "images": [str(tmp_path / "images" / "PMC1_F2.jpg")],
+                      "question": "What does the arrow show, in red?",
+                      "options": {"A": "Tumour", "B": "Cyst", "C": "Abscess", "D": "Normal"}, "answer": "B",
+                      "answer_type": "choice", "modality": "", "question_type": ""}
+    assert errors == [f"{tmp_path / 'test_clean.csv'}, row 1: answer 'E' must be the letter of one of at least 2 "
+                      "options ['A', 'B']"]
+    assert sources.default_name(tmp_path / "test_clean.csv") == tmp_path.name
+
+
 def test_bad_benchmark_rows_are_named_and_skipped_with_an_errors_list(tmp_path):
     """A choice left empty would shift the letters after it (and the gold with them): refused."""
     image = {"bytes": png(), "path": None}
@@ -204,9 +223,9 @@ def test_spec_names_sets_joins_files_and_expands_patterns(tmp_path):
         sources.read_spec(f"{tmp_path}/d-*.jsonl")
     with pytest.raises(data.DataError, match="a second set named 'a'"):
         sources.read_spec(f"{tmp_path}/a.jsonl,a={tmp_path}/b.jsonl")
-    (tmp_path / "x.csv").write_text("")
+    (tmp_path / "x.txt").write_text("")
     with pytest.raises(data.DataError, match="not a file this project reads"):
-        sources.load_file(tmp_path / "x.csv", None, tmp_path)
+        sources.load_file(tmp_path / "x.txt", None, tmp_path)
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
