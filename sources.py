@@ -377,9 +377,9 @@ def load_parquet(path: Path, image_folder: Path, errors: list | None = None) -> 
             record = {column_key(k): v for k, v in raw.items()}
             if record.get("qlang", "en") == "en":
                 where = f"{path}, row {row}"
-                kept(samples, lambda: benchmark_sample(
-                    record, where, f"{path.name}#{row}", parquet_images(record, image_folder, where)),
-                    errors)
+                kept(samples, lambda: benchmark_sample(record, where, f"{path.name}#{row}",
+                                                       parquet_images(record, image_folder, where)),
+                     errors)
             row += 1
     return samples
 
