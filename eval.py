@@ -5,14 +5,15 @@
         --split_files "splits/CT(Computed Tomography)_test.json,..." --data /data/OmniMedVQA
 
 A test set is any file sources.load_file reads (Med-R1's split files, our
-JSONL, the benchmarks' parquet files), or the held-out side of --data.
-One checkpoint gives a row of accuracies, one column per test set, their
+JSONL, the benchmarks' own files), or the held-out side of --data. One
+checkpoint gives a row of accuracies, one column per test set, their
 unweighted mean (the paper's "average accuracy") and the accuracy pooled over
 all questions; several checkpoints give the cross-modality (or question-type)
 matrix: trained on the row, tested on the column. A "random guess" row gives
-each test set's exact chance accuracy, where one is defined. Tables are printed as markdown, then
-written into --output as .md, .csv and (with matplotlib) a heatmap .png, and
-every row's numbers as eval_results.json (model folders are only read).
+each test set's exact chance accuracy, where one is defined. Tables are
+printed as markdown, then written into --output as .md, .csv and (with
+matplotlib) a heatmap .png, and every row's numbers as eval_results.json
+(model folders are only read).
 
 Every answer is decoded to its end (an end token or --max_new_tokens), as
 Med-R1's evaluation does, and scored by each of SCORERS: ours and Med-R1's
