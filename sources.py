@@ -200,17 +200,23 @@ def parse_problem(problem: str, where: str) -> tuple[str, dict]:
 def load_medr1_split(path, image_root=None, errors: list | None = None) -> list[dict]:
     """Read one of Med-R1's split files ({image, problem, solution} records) as samples."""
     path = Path(path)
-    # The file is named after an OmniMedVQA modality_type or a question type, then "_train"/"_test".
-    name = path.stem.rsplit("_", 1)[0]
-    if name not in MODALITY_BY_TYPE and name not in QUESTION_TYPES:
-        raise DataError(f"{path}: not SLAKE's (no img_name in its first record) nor a Med-R1 split "
-                        f"file: the name does not start with a modality type "
-                        f"{list(MODALITY_BY_TYPE)} or a question type {QUESTION_TYPES}")
+    name = medr1_split_name(path)
+    if name is None:
+        raise DataError(f"{path}: not a Med-R1 split file: the name does not start with a "
+                        f"modality type {list(MODALITY_BY_TYPE)} or a question type "
+                        f"{QUESTION_TYPES}")
     samples = []
     for index, record in enumerate(read_records(path)):
         kept(samples, lambda: medr1_sample(record, f"{path}, record {index}",
                                            f"{path.stem}#{index}", name, image_root), errors)
     return samples
+
+
+def medr1_split_name(path: Path) -> str | None:
+    """The modality type or question type a Med-R1 split file is named after (before "_train" or
+    "_test"), or None."""
+    name = path.stem.rsplit("_", 1)[0]
+    return name if name in MODALITY_BY_TYPE or name in QUESTION_TYPES else None
 
 
 def medr1_sample(record: dict, where: str, sample_id: str, name: str, image_root) -> dict:
@@ -460,8 +466,12 @@ def write_image(cell, folder: Path, where: str) -> str:
 def load_slake(path: Path, errors: list | None = None) -> list[dict]:
     """SLAKE as its authors ship it (train.json, validation.json, test.json beside imgs/): the
     English questions (q_lang "en"), as the papers report; answer_type OPEN or CLOSED."""
+    records = read_records(path)
+    if records and "img_name" not in records[0]:
+        raise DataError(f"{path}: not SLAKE's (its records have no img_name), nor by its name a "
+                        "Med-R1 split file (<modality type or question type>_test.json)")
     samples = []
-    for index, record in enumerate(read_records(path)):
+    for index, record in enumerate(records):
         if record.get("q_lang") == "en":
             kept(samples, lambda: slake_sample(record, f"{path}, record {index}", path.parent),
                  errors)
@@ -518,12 +528,12 @@ def default_name(path: Path) -> str:
 
 
 def file_kind(path: Path) -> str:
-    """Which reader takes a file: by its suffix, and a .json file by its first record (SLAKE's
-    have img_name, Med-R1's split files image)."""
+    """Which reader takes a file: by its suffix, and a .json file by its name (Med-R1's split
+    files are named after a modality or question type; any other is read as SLAKE's)."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     if path.suffix == ".json":
-        return "slake" if "img_name" in (read_records(path)[:1] or [{}])[0] else "medr1"
+        return "medr1" if medr1_split_name(path) else "slake"
     if path.suffix in (".jsonl", ".parquet", ".csv"):
         return path.suffix[1:]
     raise DataError(f"{path}: not a file this project reads (.json: Med-R1 split or SLAKE, "

@@ -211,6 +211,10 @@ def test_slake_as_its_authors_ship_it_keeps_the_english_questions(tmp_path):
     assert samples[0]["images"] == [str(tmp_path / "imgs" / "xmlab0" / "source.jpg")]
     assert samples[0]["modality"] == "CT"
     assert sources.default_name(tmp_path / "test.json") == tmp_path.name
+    (tmp_path / "CT_test.json").write_text(json.dumps([{"image": "a.png", "problem": "Q? A)x, B)y",
+                                                        "solution": "<answer> A </answer>"}]))
+    with pytest.raises(data.DataError, match="CT_test.json: not SLAKE's .*, nor by its name a Med-R1 split file"):
+        sources.load_file(tmp_path / "CT_test.json", tmp_path, tmp_path)
 
 
 def test_spec_names_sets_joins_files_and_expands_patterns(tmp_path):
