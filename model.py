@@ -4,8 +4,10 @@ Shapes: B prompts, G samples per prompt, N = B*G rows, P prompt tokens,
 T completion tokens, V vocabulary.
 """
 
+import contextlib
 import functools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache
+from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache, StaticCache
 
 import lora
 from inputs import PromptBatch
@@ -203,11 +205,25 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+# How sample() runs its decode loop's one-token forward (train.py --decoder); all give the
+# same tokens:
+#   dynamic  Hugging Face's DynamicCache, which grows by one position per token;
+#   static   a cache preallocated for prompt and completion and written in place, so every
+#            forward of a decode batch has the same shapes;
+#   graph    static, through torch.compile, and on CUDA recorded as a CUDA graph once per
+#            decode batch, which every later token replays: one launch instead of Python.
+DECODERS = ("dynamic", "static", "graph")
+
+# A static cache's length is prompt + completion rounded up to this, so that the few
+# lengths a run meets compile once each.
+CACHE_LENGTH_STEP = 128
+
+
 @torch.no_grad()
 @gathered_once
 def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
            generator: torch.Generator | None = None, rows: tuple[int, int] | None = None, stop=None,
-           compile_decode: bool = False) -> Rollout:
+           decoder: str = "dynamic") -> Rollout:
     """G completions per prompt from one prefill per prompt; this loop only keeps track of rows.
 
     The prompt and its image are encoded once, then the KV cache is repeated G
@@ -220,21 +236,20 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
     rank, rows on all ranks): every rank draws the numbers for all rows from the
     same CPU generator and keeps its own, so the completions do not depend on
     how the prompts are split over ranks. stop(tokens (N, t)) -> (N,) bool may
-    end rows early. compile_decode runs the one-token forward through torch.compile.
+    end rows early. decoder is one of DECODERS.
     """
     G, device = group_size, prompts.input_ids.device
-    decode_step = torch.compile(model, dynamic=True) if compile_decode else model
     out, positions = prefill(model, prompts)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # every tensor in the cache: (B, ...) -> (N, ...)
     logits = out.logits[:, -1].float().repeat_interleave(G, dim=0)  # (N, V)
-    N = logits.shape[0]
-    # The decode batch holds the rows `active` (n of the N); the cache, logits,
-    # attention mask and positions below have one row per active row.
+    N, P = logits.shape[0], prompts.input_ids.shape[1]
+    # The decode batch holds the rows `active` (n of the N); its cache, the logits
+    # and the positions below have one row per active row.
     active = torch.arange(N, device=device)  # (n,)
+    batch = DecodeBatch(model, out.past_key_values, prompts.attention_mask, decoder,
+                        P + decoding.max_new_tokens)
+    batch.select(active // G, P)  # each prompt's cache G times: (B, ...) -> (N, ...)
     # Text after the prompt counts on from the prompt's largest position, whatever the padding.
     next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (n,)
-    attention_mask = prompts.attention_mask.repeat_interleave(G, dim=0)  # (n, P)
     # What rows that ended emit (masked out).
     filler = decoding.end_ids[0] if decoding.end_ids else 0
     end_ids = torch.tensor(decoding.end_ids, dtype=torch.long, device=device)
@@ -247,49 +262,51 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
         full = torch.full((N,), fill, dtype=values.dtype, device=device)
         return full.index_copy(0, active, values)
 
-    for t in range(decoding.max_new_tokens):
-        # NaN or inf weights, or an overflow, show here first.
-        finite = logits.isfinite().all()
-        uniform = None
-        if decoding.temperature > 0:
-            first, total = rows or (0, N)
-            uniform = torch.rand(total, generator=generator)[first:first + N]  # (N,)
-            uniform = uniform.to(device)[active]  # (n,)
-        token, logprob, entropy = draw_token(logits, uniform, decoding.temperature, decoding.top_p,
-                                             decoding.top_k, banned_ids)  # (n,) each
-        # (N,): rows that ended emit padding.
-        step_token = torch.where(finished, filler, to_all_rows(token, filler))
-        tokens.append(step_token)
-        logprobs.append(to_all_rows(logprob, 0.0))  # (N,)
-        entropies.append(to_all_rows(entropy, 0.0))  # (N,)
-        masks.append(~finished)
-        finished = finished | torch.isin(step_token, end_ids)
-        if stop is not None:
-            finished = finished | stop(torch.stack(tokens, dim=1))
-        # The one host synchronization per token: how many active rows go on, whether every
-        # rank is done, and whether every rank's logits were finite (so all ranks stop together).
-        going_on = ~finished[active]  # (n,)
-        flags = torch.stack([(~going_on).all(), finite]).int()  # (2,)
-        if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-        left, done, finite = torch.cat([going_on.sum().view(1), flags]).tolist()
-        if not finite:
-            raise FloatingPointError(f"the model's logits are NaN or infinite at completion token "
-                                     f"{t}: its weights hold NaN or inf, or the forward overflowed")
-        if done or t == decoding.max_new_tokens - 1:
-            break
-        # Drop the ended rows once half have ended (never all: the forward must still run).
-        if 0 < left <= len(active) // 2:
-            keep = going_on.nonzero().squeeze(1)  # (left,)
-            cache.batch_select_indices(keep)
-            active, next_position = active[keep], next_position[keep]
-            attention_mask = attention_mask[keep]
-        n = len(active)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], 1)  # (n, P+t+1)
-        position = (next_position + t).view(1, n, 1).expand(3, n, 1)  # (3, n, 1)
-        out = decode_step(input_ids=step_token[active, None], attention_mask=attention_mask,
-                          position_ids=position, past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1].float()  # (n, V)
+    # Every unit's parameters are gathered now (gathered_once), so FSDP's hooks would only
+    # cost Python per unit per token, and break torch.compile's graph apart.
+    with fsdp_hooks_set_aside(model):
+        for t in range(decoding.max_new_tokens):
+            # NaN or inf weights, or an overflow, show here first.
+            finite = logits.isfinite().all()
+            uniform = None
+            if decoding.temperature > 0:
+                first, total = rows or (0, N)
+                uniform = torch.rand(total, generator=generator)[first:first + N]  # (N,)
+                uniform = uniform.to(device)[active]  # (n,)
+            token, logprob, entropy = draw_token(logits, uniform, decoding.temperature,
+                                                 decoding.top_p, decoding.top_k,
+                                                 banned_ids)  # (n,) each
+            # (N,): rows that ended emit padding.
+            step_token = torch.where(finished, filler, to_all_rows(token, filler))
+            tokens.append(step_token)
+            logprobs.append(to_all_rows(logprob, 0.0))  # (N,)
+            entropies.append(to_all_rows(entropy, 0.0))  # (N,)
+            masks.append(~finished)
+            finished = finished | torch.isin(step_token, end_ids)
+            if stop is not None:
+                finished = finished | stop(torch.stack(tokens, dim=1))
+            # The one host synchronization per token: how many active rows go on, whether
+            # every rank is done, and whether every rank's logits were finite (so all ranks
+            # stop together).
+            going_on = ~finished[active]  # (n,)
+            flags = torch.stack([(~going_on).all(), finite]).int()  # (2,)
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            left, done, finite = torch.cat([going_on.sum().view(1), flags]).tolist()
+            if not finite:
+                raise FloatingPointError(
+                    f"the model's logits are NaN or infinite at completion token {t}: its "
+                    f"weights hold NaN or inf, or the forward overflowed")
+            if done or t == decoding.max_new_tokens - 1:
+                break
+            # Drop the ended rows once half have ended (never all: a forward must still run).
+            if 0 < left <= len(active) // 2:
+                keep = going_on.nonzero().squeeze(1)  # (left,)
+                batch.select(keep, P + t)
+                active, next_position = active[keep], next_position[keep]
+            n = len(active)
+            position = (next_position + t).view(1, n, 1).expand(3, n, 1)  # (3, n, 1)
+            logits = batch.forward(step_token[active, None], position)  # (n, V)
     mask = torch.stack(masks, dim=1)  # (N, T)
     return Rollout(
         completion_ids=torch.stack(tokens, dim=1),  # (N, T)
@@ -298,6 +315,97 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
         entropy=torch.stack(entropies, dim=1) * mask,  # (N, T), 0 after the end
         truncated=~finished,  # (N,)
     )
+
+
+def forward_token(model, tokens, attention_mask, position, cache) -> torch.Tensor:
+    """The next-token logits (n, V), fp32, of one new token (n, 1) per row on top of the cache."""
+    out = model(input_ids=tokens, attention_mask=attention_mask, position_ids=position,
+                past_key_values=cache, use_cache=True)
+    return out.logits[:, -1].float()
+
+
+class DecodeBatch:
+    """The rows being decoded: their KV cache, attention mask and one-token forward (DECODERS).
+
+    With graph on CUDA, the first forward of a decode batch runs as is (compiling
+    it, the first time) and is then recorded as a CUDA graph; every later token
+    copies its inputs into the graph's own and replays it. Dropping rows makes a
+    new decode batch, so the graph is recorded again, a few times per rollout.
+    """
+
+    def __init__(self, model, cache, attention_mask, decoder: str, max_length: int):
+        """The prefill's cache and (B, P) attention mask; prompt + completion fit in max_length."""
+        self.model, self.cache, self.decoder, self.graph = model, cache, decoder, None
+        self.forward_token = forward_token
+        if decoder == "graph":
+            self.forward_token = torch.compile(forward_token, dynamic=True, fullgraph=True)
+        self.length = -(-max_length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
+        if decoder != "dynamic":
+            # Fixed from here on: the causal mask already hides the positions not yet written.
+            pad = attention_mask.new_ones(len(attention_mask), self.length - attention_mask.shape[1])
+            attention_mask = torch.cat([attention_mask, pad], dim=1)  # (B, length)
+        self.attention_mask = attention_mask
+
+    def select(self, rows: torch.Tensor, filled: int) -> None:
+        """Keep these rows (indices into the current ones; a row may repeat), whose first
+        `filled` positions are written."""
+        if self.decoder == "dynamic":
+            self.cache.batch_select_indices(rows)
+        else:
+            self.cache = static_rows(self.model, self.cache, rows, filled, self.length)
+        self.attention_mask = self.attention_mask[rows]
+        self.graph = None
+
+    def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (n, V), fp32, after one more token (n, 1) per row at positions
+        (3, n, 1); the token is written into the cache."""
+        if self.decoder == "dynamic":
+            ones = self.attention_mask.new_ones(len(tokens), 1)
+            self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # (n, P + t + 1)
+        if self.graph is None:
+            logits = self.forward_token(self.model, tokens, self.attention_mask, position,
+                                        self.cache)  # (n, V)
+            if self.decoder == "graph" and tokens.is_cuda:
+                self.record(tokens, position)
+            return logits
+        self.tokens.copy_(tokens)
+        self.position.copy_(position)
+        self.graph.replay()
+        # The next replay overwrites the graph's output.
+        return self.logits.clone()  # (n, V)
+
+    def record(self, tokens: torch.Tensor, position: torch.Tensor) -> None:
+        """Record the forward as a CUDA graph on fixed input tensors; recording runs nothing."""
+        self.tokens, self.position = tokens.clone(), position.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.forward_token(self.model, self.tokens, self.attention_mask,
+                                             self.position, self.cache)
+
+def static_rows(model, cache, rows: torch.Tensor, filled: int, length: int) -> StaticCache:
+    """A new cache of `length` preallocated positions holding `rows` of the first `filled`
+    positions of `cache`, layer by layer: (n, heads, filled, d) -> (len(rows), heads, length, d)."""
+    static = StaticCache(config=model.config, max_cache_len=length)
+    for i, layer in enumerate(cache.layers):
+        static.update(layer.keys[rows, :, :filled], layer.values[rows, :, :filled], i)
+    return static
+
+
+@contextlib.contextmanager
+def fsdp_hooks_set_aside(model):
+    """FSDP2's forward hooks off for a while, on a model whose units all hold their full
+    parameters (inside gathered_once, after a forward): FSDP has nothing to do in a forward."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()  # a no-op where the parameters are gathered already
+    hooks = [(unit._forward_pre_hooks, unit._forward_hooks) for unit in units]
+    for unit in units:
+        unit._forward_pre_hooks, unit._forward_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for unit, (pre, post) in zip(units, hooks):
+            unit._forward_pre_hooks, unit._forward_hooks = pre, post
 
 
 class PromptCache(DynamicCache):

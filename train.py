@@ -78,7 +78,7 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
     dtype: str = "auto"  # bf16 or fp32 compute (fp32 master weights); auto = bf16 on CUDA
-    compile_decode: bool = False  # torch.compile the rollout's one-token forward
+    decoder: str = "dynamic"  # dynamic, static (fixed-shape cache) or graph (compiled; CUDA graphs)
     grad_checkpointing: bool = False  # recompute decoder layers in backward: less memory
     # what trains
     lora_rank: int = 0  # > 0: only rank-r adapters on the language model train (LoRA); 0 = all
@@ -113,6 +113,7 @@ LIMITS = {
     "modalities": common.names_in(sources.MODALITIES),
     "question_types": common.names_in(sources.QUESTION_TYPES),
     "prompt_mode": common.one_of(*rewards.TRAINING_MODES), "algo": common.one_of("grpo", "sft"),
+    "decoder": common.one_of(*modellib.DECODERS),
     "num_generations": common.AT_LEAST_1, "prompts_per_step": common.AT_LEAST_1,
     "beta": common.AT_LEAST_0, "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "eps_high": common.AT_LEAST_0, "loss_type": common.one_of(*grpo.LOSS_TYPES),
@@ -213,7 +214,7 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     # Rollout: G completions for each of this rank's B prompts (row i is prompt i // G).
     N = len(samples) * G
     rollout = modellib.sample(policy, prompts, G, decoding, generator=generator,
-                              rows=(rank * N, world * N), compile_decode=cfg.compile_decode)
+                              rows=(rank * N, world * N), decoder=cfg.decoder)
     rollout_s = time.time() - start
     # Rule rewards on the decoded text, then the policy update.
     texts = modellib.decode(processor.tokenizer, rollout)
@@ -261,7 +262,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
     if cfg.filter_zero_std:
         # Only groups with a reward spread train.
         rows = rows[~zero_std.repeat_interleave(G)]
-    ids, device = rollout.completion_ids, rollout.completion_ids.device
+    ids = rollout.completion_ids
 
     def logprobs_of(model, group_rows):
         """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T)."""
@@ -278,24 +279,34 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         with torch.no_grad(), lora.adapters_off(reference):
             ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
 
-    # With one update per rollout the old policy is the current one: ratio exactly 1.
-    # Otherwise it is the policy that sampled, whose log-probs the sampler kept.
-    on_policy = cfg.num_iterations == 1 and cfg.minibatches == 1
-    metrics = []
     # Minibatch k holds the prompts whose index in the whole step is k modulo the
     # number of minibatches, so each update sees the same rows on any number of ranks.
     prompt_index = rank * (N // G) + rows // G  # (rows,)
+    chunks = [rows[prompt_index % cfg.minibatches == k] for k in range(cfg.minibatches)]
+    # A rank with no rows in a minibatch still runs its forwards and backward (on a group it
+    # gives no weight), so every rank makes the same FSDP collective calls.
+    chunks = [(chunk, 1.0) if len(chunk) else (torch.arange(G), 0.0) for chunk in chunks]
+    # With one update per rollout the old policy is the current one: ratio exactly 1.
+    # Otherwise it is the policy that sampled. In fp32 the sampler's log-probs are the
+    # training forward's (to 1e-5, tested); in bf16 the sampler rounds differently (other
+    # batch shapes, cache length and kernels), which the ratio would read as a policy change,
+    # so the training forward recomputes them, without gradients, before the first update.
+    on_policy = cfg.num_iterations == 1 and cfg.minibatches == 1
+    old_logprobs = rollout.logprobs  # (N, T)
+    if not on_policy and cfg.dtype == "bf16":
+        old_logprobs = old_logprobs.clone()  # (N, T)
+        with torch.no_grad():
+            for chunk, weight in chunks:
+                recomputed = logprobs_of(policy, chunk)  # (n, T)
+                if weight:
+                    old_logprobs[chunk] = recomputed
+    metrics = []
     for _ in range(cfg.num_iterations):
-        for chunk in [rows[prompt_index % cfg.minibatches == k] for k in range(cfg.minibatches)]:
-            # A rank with no rows left still runs one forward and backward (on a group it
-            # gives no weight), so every rank makes the same FSDP collective calls.
-            weight = torch.ones(len(chunk) or G, 1, device=device)
-            if len(chunk) == 0:
-                chunk, weight = torch.arange(G), weight * 0
+        for chunk, weight in chunks:
             chunk_mask = mask[chunk] * weight  # (n, T)
             denominator = grpo.global_loss_count(chunk_mask, cfg.loss_type, cfg.max_new_tokens)
             logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
-            old = logprobs.detach() if on_policy else rollout.logprobs[chunk]
+            old = logprobs.detach() if on_policy else old_logprobs[chunk]
             ref = None if ref_logprobs is None else ref_logprobs[chunk]
             loss, chunk_metrics = grpo.policy_loss(
                 logprobs, old, ref, advantages[chunk], chunk_mask, beta=cfg.beta,

@@ -155,19 +155,6 @@ def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, m
         assert (ended.logprobs[row, n:] == 0).all()
 
 
-def test_compiled_decode_step_samples_the_same_tokens(tiny, mixed_samples, single_process_group):
-    """torch.compile of the decode forward, under FSDP2, against the eager unsharded model (greedy)."""
-    model, processor = tiny
-    batch = encode(processor, mixed_samples, SIZES["different"])
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    greedy = modellib.Decoding(12, temperature=0.0, end_ids=end_ids)
-    eager = modellib.sample(model, batch, 2, greedy)
-    modellib.shard(model, bf16=False)
-    compiled = modellib.sample(model, batch, 2, greedy, compile_decode=True)
-    assert torch.equal(compiled.completion_ids, eager.completion_ids)
-    torch.testing.assert_close(compiled.logprobs, eager.logprobs, rtol=0, atol=1e-5)
-
-
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     kept = modellib.top_p_filter(probs.log(), 0.8).isfinite()

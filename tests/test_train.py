@@ -355,3 +355,36 @@ def test_wandb_offline_logs_the_numbers_of_metrics_jsonl_and_the_rollouts(tiny_p
     rollout = json.loads((tmp_path / "rollouts.jsonl").read_text().splitlines()[0])
     assert json.loads(table.read_text())["data"] == [[c, sum(r)] for c, r in zip(rollout["completions"],
                                                                                    rollout["rewards"])]
+
+
+def test_in_bf16_the_old_logprobs_of_several_updates_are_the_training_forwards(
+        tiny, modality_split, single_process_group, monkeypatch):
+    """A bf16 sampler rounds otherwise than the training forward (other batch shapes, cache
+    length, kernels), which the first update's ratio would read as a policy change. Here the
+    sampler's log-probs are 0.05 off: with --dtype bf16 they are recomputed, ratio exactly 1."""
+    import data
+    import grpo
+    import model as modellib
+
+    model, processor = tiny
+    modellib.shard(model, bf16=True)
+    prompts = data.collate(modality_split[0][:2], processor, "think-after")
+    end_ids = modellib.end_token_ids(model, processor.tokenizer)
+    rollout = modellib.sample(model, prompts, 4, modellib.Decoding(12, end_ids=end_ids),
+                              generator=torch.Generator().manual_seed(0))
+    rollout.logprobs += 0.05 * rollout.completion_mask
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    departures = []
+    real = grpo.policy_loss
+    monkeypatch.setattr(grpo, "policy_loss", lambda logprobs, old, ref, advantages, mask, **kw: (
+        departures.append(((logprobs.detach() - old) * mask).abs().max().item()),
+        real(logprobs, old, ref, advantages, mask, **kw))[1])
+    rewards = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1], dtype=torch.float32).unsqueeze(1)  # (8, 1)
+    for dtype in ("fp32", "bf16"):
+        cfg = train.Config(num_generations=4, beta=0.0, num_iterations=2, dtype=dtype)
+        train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout, rewards)
+    # The fp32 setting takes the sampler's log-probs: its first update sees them 0.05 off.
+    assert departures[0] == pytest.approx(0.05, abs=1e-3)
+    # The bf16 setting recomputes them, on the policy as it is then: ratio 1, then a departure.
+    assert departures[2] == 0 and departures[3] > 0

@@ -1,0 +1,120 @@
+"""The static-cache and graph decoders against the dynamic one and the training forward.
+
+Every decoder must draw the same tokens with the same log-probs (1e-5, fp32) as
+the dynamic decoder, for G > 1 rows on a shared prompt, left padding and rows
+that end at different steps (so the decode batch shrinks), and those log-probs
+must be the training forward's.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributed.fsdp import FSDPModule
+from transformers import StaticCache
+
+import model as modellib
+import test_model
+from test_model import SIZES, encode, repeat_prompts
+from test_train import SMALL, metrics, run
+
+any_model, mixed_samples = test_model.any_model, test_model.mixed_samples  # their fixtures
+
+G = 4
+# Row i ends after 2 + i % 7 tokens: the 12 rows of 3 prompts end over 6 different steps.
+LENGTHS = 2 + torch.arange(3 * G) % 7
+
+
+def rollout(model, batch, decoder, **changes):
+    """A sampled (temperature 1) rollout of G rows per prompt, rows ending at LENGTHS."""
+    decoding = modellib.Decoding(10, **changes)
+    return modellib.sample(model, batch, G, decoding, generator=torch.Generator().manual_seed(0),
+                           stop=lambda tokens: LENGTHS <= tokens.shape[1], decoder=decoder)
+
+
+def assert_same_rollout(ours, dynamic):
+    assert torch.equal(ours.completion_ids, dynamic.completion_ids)
+    assert torch.equal(ours.completion_mask, dynamic.completion_mask)
+    assert ours.completion_mask.sum(dim=1).tolist() == LENGTHS.tolist()
+    torch.testing.assert_close(ours.logprobs, dynamic.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.entropy, dynamic.entropy, rtol=0, atol=1e-5)
+
+
+def test_static_decoder_gives_the_dynamic_tokens_and_the_training_forwards_logprobs(
+        any_model, mixed_samples):
+    model, processor = any_model
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        (kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[1],
+         type(kwargs["past_key_values"]))), with_kwargs=True)
+    static = rollout(model, batch, "static")
+    hook.remove()
+    assert_same_rollout(static, rollout(model, batch, "dynamic"))
+    # After the prefill, every forward ran on a preallocated cache of one fixed length,
+    # on a decode batch that shrank more than once.
+    decode_steps = seen[1:]
+    assert {kind for _, _, kind in decode_steps} == {StaticCache}
+    assert len({width for _, width, _ in decode_steps}) == 1
+    assert decode_steps[0][0] == 3 * G and len({rows for rows, _, _ in decode_steps}) >= 3
+    with torch.no_grad():
+        logprobs = modellib.token_logprobs(model, repeat_prompts(batch, G), static.completion_ids,
+                                           static.completion_mask)
+    mask = static.completion_mask.bool()
+    torch.testing.assert_close(logprobs[mask], static.logprobs[mask], rtol=0, atol=1e-5)
+
+
+def test_graph_decoder_compiles_in_one_piece_under_fsdp2_and_gives_the_same_tokens(
+        tiny, mixed_samples, single_process_group):
+    """fullgraph=True in the graph decoder: a break in the graph (an FSDP hook left in
+    place, say) fails here. On the CPU there is no CUDA graph: this is torch.compile."""
+    model, processor = tiny
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    dynamic = rollout(model, batch, "dynamic", top_k=20)
+    modellib.shard(model, bf16=False)
+    assert_same_rollout(rollout(model, batch, "graph", top_k=20), dynamic)
+    # FSDP's hooks are back: a training forward still gathers the sharded weights.
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    assert all(unit._forward_pre_hooks for unit in units)
+    logprobs = modellib.token_logprobs(model, repeat_prompts(batch, G), dynamic.completion_ids,
+                                       dynamic.completion_mask)
+    mask = dynamic.completion_mask.bool()
+    torch.testing.assert_close(logprobs[mask], dynamic.logprobs[mask], rtol=0, atol=1e-5)
+
+
+def test_fsdp_hooks_come_back_when_sampling_fails(tiny, mixed_samples, single_process_group):
+    model, processor = tiny
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    modellib.shard(model, bf16=False)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    hooks = [dict(unit._forward_pre_hooks) for unit in units]
+    with pytest.raises(FloatingPointError):
+        rollout(model, encode(processor, mixed_samples, SIZES["equal"] + [(56, 56)]), "static")
+    assert [dict(unit._forward_pre_hooks) for unit in units] == hooks and all(hooks)
+
+
+def test_two_ranks_on_the_static_decoder_train_like_one_on_the_dynamic_one(tiny_path, tmp_path):
+    """FSDP2 over 2 gloo ranks, the decode loop on gathered weights without FSDP's hooks:
+    the same completions (rollouts.jsonl), rewards, losses and weights as one process on
+    the dynamic decoder."""
+    args = ["train.py", "--steps", "2", "--lr", "1e-4", "--rollouts_every", "1", *SMALL]
+    run([*args, "--output_dir", str(tmp_path / "dynamic")])
+    run([*args, "--output_dir", str(tmp_path / "static"), "--decoder", "static"], nproc=2)
+    assert completions(tmp_path / "static") == completions(tmp_path / "dynamic")
+    assert len(completions(tmp_path / "dynamic")) == 2
+    one, two = metrics(tmp_path / "dynamic"), metrics(tmp_path / "static")
+    for a, b in zip(one, two):
+        assert a["reward"] == b["reward"] and a["completion_len"] == b["completion_len"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    weights = load_file(tmp_path / "static" / "final" / "model.safetensors")
+    for name, weight in load_file(tmp_path / "dynamic" / "final" / "model.safetensors").items():
+        torch.testing.assert_close(weights[name], weight, rtol=0, atol=1e-5)
+
+
+def completions(folder) -> list:
+    """Each logged rollout's completions and their rewards."""
+    lines = (folder / "rollouts.jsonl").read_text().splitlines()
+    return [(r["completions"], r["rewards"]) for r in map(json.loads, lines)]
