@@ -330,10 +330,11 @@ def main():
             tokens_per_s = completions * cfg.completion_tokens / row["step_s"]
             print(f"| {name} | {row['step_s']:.3f} | {tokens_per_s:.0f} | {row['peak_mb']:.0f} |")
     if rows.get("TRL GRPOTrainer"):
+        print()
         for decoder in decoders:
             if ours_row := rows[f"ours, {decoder} decoder"]:
                 ratio = ours_row["step_s"] / rows["TRL GRPOTrainer"]["step_s"]
-                print(f"\nours ({decoder} decoder) / TRL step time: {ratio:.2f}")
+                print(f"ours ({decoder} decoder) / TRL step time: {ratio:.2f}")
     if cfg.decode_rows and (speed := child(cfg, "decode")):
         print(f"\nmemory bandwidth: {speed['bandwidth_gbs']:.0f} GB/s (a 1 GiB copy, read and "
               f"written); the bound is the bytes a token reads over it\n\n"

@@ -61,7 +61,8 @@ POOLED = "pooled"  # the key of a row's summary over every question
 
 @torch.no_grad()
 def evaluate(model, processor, samples: list[dict], mode: str, device, batch_size: int = 64,
-             max_new_tokens: int = 64, image_size: int | None = None) -> list[dict]:
+             max_new_tokens: int = 64, image_size: int | None = None,
+             decoder: str = "dynamic") -> list[dict]:
     """Greedy answers to samples, sharded over ranks; every rank gets every result, in order.
 
     Every rank runs the same number of batches, so FSDP's collectives stay in
@@ -78,7 +79,8 @@ def evaluate(model, processor, samples: list[dict], mode: str, device, batch_siz
         # A rank with nothing left still steps the model once per batch, on a sample it ignores.
         batch = [samples[i] for i in indices or [0]]
         prompts = data.collate(batch, processor, mode, image_size).to(device)
-        texts = modellib.decode(processor.tokenizer, modellib.sample(model, prompts, 1, greedy))
+        rollout = modellib.sample(model, prompts, 1, greedy, decoder=decoder)
+        texts = modellib.decode(processor.tokenizer, rollout)
         names = SCORERS + sorted({name for _, name in FREE_SCORES.values()})
         for i, text, scores in zip(indices, texts, rewards.score(texts, batch, names, mode)):
             sample = samples[i]
@@ -198,6 +200,7 @@ class EvalConfig:
     max_pixels: int = 0  # pixel budget per image; 0 = the processor's own (Med-R1: 401408)
     batch_size: int = 64  # prompts per greedy batch on each rank
     max_new_tokens: int = 256  # greedy decoding stops at an end token or here (Med-R1: 256)
+    decoder: str = "dynamic"  # dynamic, static (fixed-shape cache) or graph (compiled; CUDA graphs)
     max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
     output: str = "runs/eval"  # folder for accuracy.md/.csv/.png and eval_results.json
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
@@ -210,6 +213,7 @@ LIMITS = {
     "prompt_mode": common.one_of("", *rewards.MODES), "image_size": common.AT_LEAST_0,
     "max_pixels": common.AT_LEAST_0, "batch_size": common.AT_LEAST_1,
     "max_new_tokens": common.AT_LEAST_1, "max_samples": common.AT_LEAST_0,
+    "decoder": common.one_of(*modellib.DECODERS),
 }
 
 
@@ -304,7 +308,7 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str
     model = modellib.load_model(checkpoint).to(device)
     modellib.shard(model, bf16=device.type == "cuda")
     results = evaluate(model, processor, everything, mode, device, cfg.batch_size,
-                       cfg.max_new_tokens, cfg.image_size or None)
+                       cfg.max_new_tokens, cfg.image_size or None, cfg.decoder)
     by_column, start = {}, 0
     for column, samples in sets.items():
         by_column[column] = {**summarize(results[start:start + len(samples)]),

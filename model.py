@@ -342,7 +342,8 @@ class DecodeBatch:
         self.length = -(-max_length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
         if decoder != "dynamic":
             # Fixed from here on: the causal mask already hides the positions not yet written.
-            pad = attention_mask.new_ones(len(attention_mask), self.length - attention_mask.shape[1])
+            B, P = attention_mask.shape
+            pad = attention_mask.new_ones(B, self.length - P)  # (B, length - P)
             attention_mask = torch.cat([attention_mask, pad], dim=1)  # (B, length)
         self.attention_mask = attention_mask
 
@@ -381,6 +382,7 @@ class DecodeBatch:
         with torch.cuda.graph(self.graph):
             self.logits = self.forward_token(self.model, self.tokens, self.attention_mask,
                                              self.position, self.cache)
+
 
 def static_rows(model, cache, rows: torch.Tensor, filled: int, length: int) -> StaticCache:
     """A new cache of `length` preallocated positions holding `rows` of the first `filled`

@@ -429,7 +429,7 @@ def main():
         with common.named_step(step):
             results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
                                           max_new_tokens=cfg.max_new_tokens,
-                                          image_size=cfg.image_size or None)
+                                          image_size=cfg.image_size or None, decoder=cfg.decoder)
         summary = evaluation.summarize(results)
         print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} ({summary['questions']} "
                f"questions, parse failures {summary['parse_failures']:.3f})")

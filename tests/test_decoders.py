@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from transformers import StaticCache
@@ -30,7 +31,8 @@ def rollout(model, batch, decoder, **changes):
     """A sampled (temperature 1) rollout of G rows per prompt, rows ending at LENGTHS."""
     decoding = modellib.Decoding(10, **changes)
     return modellib.sample(model, batch, G, decoding, generator=torch.Generator().manual_seed(0),
-                           stop=lambda tokens: LENGTHS <= tokens.shape[1], decoder=decoder)
+                           stop=lambda tokens: LENGTHS.to(tokens.device) <= tokens.shape[1],
+                           decoder=decoder)
 
 
 def assert_same_rollout(ours, dynamic):
@@ -82,6 +84,21 @@ def test_graph_decoder_compiles_in_one_piece_under_fsdp2_and_gives_the_same_toke
                                        dynamic.completion_mask)
     mask = dynamic.completion_mask.bool()
     torch.testing.assert_close(logprobs[mask], dynamic.logprobs[mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_samples):
+    """On a GPU the graph decoder records a CUDA graph per decode batch and replays it."""
+    model, processor = tiny
+    model.cuda()
+    batch = encode(processor, mixed_samples, SIZES["different"]).to("cuda")
+    dynamic = rollout(model, batch, "dynamic")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        modellib.shard(model, bf16=False)
+        assert_same_rollout(rollout(model, batch, "graph"), dynamic)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fsdp_hooks_come_back_when_sampling_fails(tiny, mixed_samples, single_process_group):

@@ -64,11 +64,11 @@ def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
     assert max((base[name] - weights_one[name]).abs().max().item() for name in base) > 1e-4
 
 
-def test_evaluation_is_the_same_on_two_ranks_and_any_batch_size(tiny_path, tmp_path):
+def test_evaluation_is_the_same_on_two_ranks_any_batch_size_and_decoder(tiny_path, tmp_path):
     results = []
-    for nproc, batch_size in [(1, 64), (2, 8), (2, 3)]:
+    for nproc, batch_size, decoder in [(1, 64, "dynamic"), (2, 8, "dynamic"), (2, 3, "static")]:
         run(["eval.py", "--checkpoints", str(tiny_path), "--max_samples", "5", "--batch_size", str(batch_size),
-             "--output", str(tmp_path)], nproc)
+             "--decoder", decoder, "--output", str(tmp_path)], nproc)
         results.append(json.loads((tmp_path / "eval_results.json").read_text())["tiny-qwen2-vl"])
     assert results[0]["overall"]["questions"] == 8 * 5
     assert results[0] == results[1] == results[2]
