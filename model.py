@@ -327,15 +327,17 @@ def forward_token(model, tokens, attention_mask, position, cache) -> torch.Tenso
 class DecodeBatch:
     """The rows being decoded: their KV cache, attention mask and one-token forward (DECODERS).
 
-    With graph on CUDA, the first forward of a decode batch runs as is (compiling
-    it, the first time) and is then recorded as a CUDA graph; every later token
-    copies its inputs into the graph's own and replays it. Dropping rows makes a
-    new decode batch, so the graph is recorded again, a few times per rollout.
+    The static decoders run every forward of a decode batch on the same input
+    tensors, into which each token's ids and positions are copied. With graph on
+    CUDA, the first forward runs as is (compiling it, the first time in a run),
+    then it is recorded as a CUDA graph on those tensors, which every later token
+    replays. Dropping rows makes a new decode batch, so the graph is recorded
+    again, a few times per rollout.
     """
 
     def __init__(self, model, cache, attention_mask, decoder: str, max_length: int):
         """The prefill's cache and (B, P) attention mask; prompt + completion fit in max_length."""
-        self.model, self.cache, self.decoder, self.graph = model, cache, decoder, None
+        self.model, self.cache, self.decoder = model, cache, decoder
         self.forward_token = forward_token
         if decoder == "graph":
             self.forward_token = torch.compile(forward_token, dynamic=True, fullgraph=True)
@@ -346,6 +348,7 @@ class DecodeBatch:
             pad = attention_mask.new_ones(B, self.length - P)  # (B, length - P)
             attention_mask = torch.cat([attention_mask, pad], dim=1)  # (B, length)
         self.attention_mask = attention_mask
+        self.tokens = self.position = self.graph = None
 
     def select(self, rows: torch.Tensor, filled: int) -> None:
         """Keep these rows (indices into the current ones; a row may repeat), whose first
@@ -355,7 +358,7 @@ class DecodeBatch:
         else:
             self.cache = static_rows(self.model, self.cache, rows, filled, self.length)
         self.attention_mask = self.attention_mask[rows]
-        self.graph = None
+        self.tokens = self.position = self.graph = None
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Next-token logits (n, V), fp32, after one more token (n, 1) per row at positions
@@ -363,25 +366,34 @@ class DecodeBatch:
         if self.decoder == "dynamic":
             ones = self.attention_mask.new_ones(len(tokens), 1)
             self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)  # (n, P + t + 1)
-        if self.graph is None:
-            logits = self.forward_token(self.model, tokens, self.attention_mask, position,
-                                        self.cache)  # (n, V)
+            return self.forward_token(self.model, tokens, self.attention_mask, position,
+                                      self.cache)
+        if self.tokens is None:
+            # The decode batch's first forward: its input tensors from now on.
+            self.tokens, self.position = tokens.clone(), position.clone()
+            logits = self.run()  # (n, V)
             if self.decoder == "graph" and tokens.is_cuda:
-                self.record(tokens, position)
+                self.record()
             return logits
         self.tokens.copy_(tokens)
         self.position.copy_(position)
+        if self.graph is None:
+            return self.run()  # (n, V)
         self.graph.replay()
         # The next replay overwrites the graph's output.
         return self.logits.clone()  # (n, V)
 
-    def record(self, tokens: torch.Tensor, position: torch.Tensor) -> None:
-        """Record the forward as a CUDA graph on fixed input tensors; recording runs nothing."""
-        self.tokens, self.position = tokens.clone(), position.clone()
+    def run(self) -> torch.Tensor:
+        """The forward on this decode batch's input tensors: (n, V)."""
+        return self.forward_token(self.model, self.tokens, self.attention_mask, self.position,
+                                  self.cache)
+
+    def record(self) -> None:
+        """Record run() as a CUDA graph; recording runs nothing (the cache is not written)."""
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.forward_token(self.model, self.tokens, self.attention_mask,
-                                             self.position, self.cache)
+        # thread_local: CUDA calls of other threads (NCCL's watchdog) may go on meanwhile.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self.run()  # (n, V)
 
 
 def static_rows(model, cache, rows: torch.Tensor, filled: int, length: int) -> StaticCache:

@@ -77,6 +77,11 @@ def test_graph_decoder_compiles_in_one_piece_under_fsdp2_and_gives_the_same_toke
     dynamic = rollout(model, batch, "dynamic", top_k=20)
     modellib.shard(model, bf16=False)
     assert_same_rollout(rollout(model, batch, "graph", top_k=20), dynamic)
+    # A second rollout (new caches, input tensors and FSDP hook dicts; the same shapes)
+    # compiles nothing new: every rollout would pay for it, and on CUDA it could come
+    # while a graph is recorded.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert_same_rollout(rollout(model, batch, "graph", top_k=20), dynamic)
     # FSDP's hooks are back: a training forward still gathers the sharded weights.
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     assert all(unit._forward_pre_hooks for unit in units)
