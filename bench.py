@@ -68,10 +68,11 @@ class BenchConfig:
     scaling: bool = True  # also print the table of our step time against G, length and image size
 
 
-def bench_samples(cfg: BenchConfig) -> list[dict]:
+def bench_samples(cfg: BenchConfig, count: int = 0) -> list[dict]:
+    """The first count synthetic questions; 0 = enough for every step."""
     root = tiny.dataset_root("", ".cache")
     samples = sources.load_omnimedvqa(root, question_types=[tiny.QUESTION_TYPE])
-    return samples[:cfg.prompts * (cfg.steps + cfg.warmup)]
+    return samples[:count or cfg.prompts * (cfg.steps + cfg.warmup)]
 
 
 def bench_model(cfg: BenchConfig) -> str:
@@ -158,8 +159,9 @@ def ours(cfg: BenchConfig) -> dict:
 def decode_speed(cfg: BenchConfig) -> dict:
     """Milliseconds per decoded token of sample() for each decoder and --decode_rows, and the
     least each could take: the bytes a token reads over the measured memory bandwidth."""
-    path, samples, device = bench_model(cfg), bench_samples(cfg), torch.device(cfg.device)
-    processor = bench_processor(cfg, path)
+    G, T, row_counts = cfg.generations, cfg.completion_tokens, decode_rows(cfg)
+    path, device = bench_model(cfg), torch.device(cfg.device)
+    samples, processor = bench_samples(cfg, max(row_counts) // G), bench_processor(cfg, path)
     train_cfg = train.Config(dtype=cfg.dtype, beta=0.0, image_size=cfg.image_size)
     train.resolve(train_cfg, world=1)
     policy, _ = train.load_models(train_cfg, path, device)
@@ -172,9 +174,8 @@ def decode_speed(cfg: BenchConfig) -> dict:
     kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * itemsize * (
         text.hidden_size // text.num_attention_heads)
     bandwidth = copy_bandwidth(device)
-    G, T = cfg.generations, cfg.completion_tokens
     rows = []
-    for n in [int(r) for r in cfg.decode_rows.split(",")]:
+    for n in row_counts:
         prompts = data.collate(samples[:n // G], processor, "think-after", cfg.image_size)
         prompts = prompts.to(device)
         # The average token of T attends to the prompt and T / 2 completion tokens.
@@ -193,6 +194,15 @@ def decode_speed(cfg: BenchConfig) -> dict:
                          "bound_ms": 1000 * read / bandwidth,
                          **logprob_gap(policy, prompts, G, T, decoder)})
     return {"bandwidth_gbs": bandwidth / 1e9, "decode": rows}
+
+
+def decode_rows(cfg: BenchConfig) -> list[int]:
+    """--decode_rows as numbers, each a whole number of groups of G."""
+    counts = [int(r) for r in cfg.decode_rows.split(",")]
+    if any(n < cfg.generations or n % cfg.generations for n in counts):
+        raise SystemExit(f"--decode_rows {cfg.decode_rows}: each must be a multiple of "
+                         f"--generations {cfg.generations}")
+    return counts
 
 
 def logprob_gap(policy, prompts, G: int, T: int, decoder: str) -> dict:
@@ -311,6 +321,8 @@ def main():
     decoders = cfg.decoders.split(",")
     if not set(decoders) <= set(modellib.DECODERS):
         raise SystemExit(f"--decoders {cfg.decoders}: each must be one of {modellib.DECODERS}")
+    if cfg.decode_rows:
+        decode_rows(cfg)
     completions = cfg.prompts * cfg.generations
     print(f"{cfg.prompts} prompts x G={cfg.generations}, {cfg.completion_tokens} tokens each, "
           f"{cfg.image_size} px images, {cfg.dtype}, {cfg.device}, "
@@ -334,12 +346,13 @@ def main():
         for decoder in decoders:
             if ours_row := rows[f"ours, {decoder} decoder"]:
                 ratio = ours_row["step_s"] / rows["TRL GRPOTrainer"]["step_s"]
-                print(f"ours ({decoder} decoder) / TRL step time: {ratio:.2f}")
+                print(f"ours ({decoder} decoder) / TRL step time: {ratio:.2f} (goal: 0.3 or less)")
     if cfg.decode_rows and (speed := child(cfg, "decode")):
         print(f"\nmemory bandwidth: {speed['bandwidth_gbs']:.0f} GB/s (a 1 GiB copy, read and "
               f"written); the bound is the bytes a token reads over it\n\n"
-              "| decoder | rows | ms / token | bound, ms | x bound | GB read / token | GB/s used "
-              "| sampler vs training log-prob, max gap | tokens clipped by the gap alone |\n"
+              "| decoder | rows | ms / token | bound, ms | x bound (goal: 3 or less) "
+              "| GB read / token | GB/s used | sampler vs training log-prob, max gap "
+              "| tokens clipped by the gap alone |\n"
               "|---|---|---|---|---|---|---|---|---|")
         for row in speed["decode"]:
             print(f"| {row['decoder']} | {row['rows']} | {row['ms']:.2f} | {row['bound_ms']:.2f} | "
