@@ -171,8 +171,8 @@ def decode_speed(cfg: BenchConfig) -> dict:
     weights = sum(p.numel() for part in parts for p in part.parameters())
     itemsize = 2 if cfg.dtype == "bf16" else 4
     # ... and the keys and values of every earlier position, layer and row.
-    kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * itemsize * (
-        text.hidden_size // text.num_attention_heads)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_position = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * itemsize
     bandwidth = copy_bandwidth(device)
     rows = []
     for n in row_counts:

@@ -23,7 +23,7 @@ from test_train import SMALL, metrics, run
 any_model, mixed_samples = test_model.any_model, test_model.mixed_samples  # their fixtures
 
 G = 4
-# Row i ends after 2 + i % 7 tokens: the 12 rows of 3 prompts end over 6 different steps.
+# Row i ends after 2 + i % 7 tokens: the 12 rows of 3 prompts end at 7 different steps.
 LENGTHS = 2 + torch.arange(3 * G) % 7
 
 
