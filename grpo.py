@@ -55,8 +55,11 @@ policy pi_old and score each with rule rewards r_i (rewards.py). Then:
 
 (7) Several updates per rollout (PPO's epochs; the GRPO paper's mu,
     `--num_iterations`, each over `--minibatches` pieces): pi_old stays the
-    policy that sampled, whose log-probs the sampler kept, so after the first
-    update rho departs from 1 and the clip in (3) acts.
+    policy that sampled, so after the first update rho departs from 1 and the
+    clip in (3) acts. Its log-probs are the sampler's in fp32; in bf16 the
+    sampler rounds otherwise than the training forward, so a no-grad training
+    forward recomputes them before the first update (train.update_policy), and
+    the first update's rho is exactly 1.
 
 (8) Truncated completions (no end token before the length limit) can be given
     no loss at all, mask_{i,t} = 0 for every t (DAPO's overlong filtering,
