@@ -214,10 +214,6 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 #            decode batch, which every later token replays: one launch instead of Python.
 DECODERS = ("dynamic", "static", "graph")
 
-# A static cache's length is prompt + completion rounded up to this, so that the few
-# lengths a run meets compile once each.
-CACHE_LENGTH_STEP = 128
-
 
 @torch.no_grad()
 @gathered_once
@@ -335,13 +331,12 @@ class DecodeBatch:
     again, a few times per rollout.
     """
 
-    def __init__(self, model, cache, attention_mask, decoder: str, max_length: int):
-        """The prefill's cache and (B, P) attention mask; prompt + completion fit in max_length."""
-        self.model, self.cache, self.decoder = model, cache, decoder
+    def __init__(self, model, cache, attention_mask, decoder: str, length: int):
+        """The prefill's cache and (B, P) attention mask; prompt + completion fit in length."""
+        self.model, self.cache, self.decoder, self.length = model, cache, decoder, length
         self.forward_token = forward_token
         if decoder == "graph":
             self.forward_token = torch.compile(forward_token, dynamic=True, fullgraph=True)
-        self.length = -(-max_length // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP
         if decoder != "dynamic":
             # Fixed from here on: the causal mask already hides the positions not yet written.
             B, P = attention_mask.shape
