@@ -244,6 +244,7 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
     batch = DecodeBatch(model, out.past_key_values, prompts.attention_mask, decoder,
                         P + decoding.max_new_tokens)
     batch.select(active // G, P)  # each prompt's cache G times: (B, ...) -> (N, ...)
+    del out  # its cache is the batch's now, or copied into a static one
     # Text after the prompt counts on from the prompt's largest position, whatever the padding.
     next_position = positions.amax(dim=(0, 2)).repeat_interleave(G) + 1  # (n,)
     # What rows that ended emit (masked out).
@@ -325,14 +326,21 @@ class DecodeBatch:
 
     The static decoders run every forward of a decode batch on the same input
     tensors, into which each token's ids and positions are copied. With graph on
-    CUDA, the first forward runs as is (compiling it, the first time in a run),
-    then it is recorded as a CUDA graph on those tensors, which every later token
-    replays. Dropping rows makes a new decode batch, so the graph is recorded
+    CUDA, the first forward runs as is (compiling it, the first time in a run);
+    the second records it as a CUDA graph on those tensors, which it and every
+    later token replay. Dropping rows makes a new decode batch, so the graph is recorded
     again, a few times per rollout.
     """
 
     def __init__(self, model, cache, attention_mask, decoder: str, length: int):
         """The prefill's cache and (B, P) attention mask; prompt + completion fit in length."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder {decoder!r}: one of {DECODERS}")
+        layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+        if decoder == "graph" and "sliding_attention" in layer_types:
+            # Hugging Face's static sliding-window layer counts tokens on the host, which a
+            # CUDA graph would replay as a constant.
+            raise ValueError("the graph decoder does not run sliding-window layers: use static")
         self.model, self.cache, self.decoder, self.length = model, cache, decoder, length
         self.forward_token = forward_token
         if decoder == "graph":
@@ -343,7 +351,7 @@ class DecodeBatch:
             pad = attention_mask.new_ones(B, self.length - P)  # (B, length - P)
             attention_mask = torch.cat([attention_mask, pad], dim=1)  # (B, length)
         self.attention_mask = attention_mask
-        self.tokens = self.position = self.graph = None
+        self.tokens = self.position = self.graph = self.logits = None
 
     def select(self, rows: torch.Tensor, filled: int) -> None:
         """Keep these rows (indices into the current ones; a row may repeat), whose first
@@ -353,7 +361,7 @@ class DecodeBatch:
         else:
             self.cache = static_rows(self.model, self.cache, rows, filled, self.length)
         self.attention_mask = self.attention_mask[rows]
-        self.tokens = self.position = self.graph = None
+        self.tokens = self.position = self.graph = self.logits = None
 
     def forward(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """Next-token logits (n, V), fp32, after one more token (n, 1) per row at positions
@@ -366,14 +374,14 @@ class DecodeBatch:
         if self.tokens is None:
             # The decode batch's first forward: its input tensors from now on.
             self.tokens, self.position = tokens.clone(), position.clone()
-            logits = self.run()  # (n, V)
-            if self.decoder == "graph" and tokens.is_cuda:
-                self.record()
-            return logits
+            return self.run()  # (n, V)
         self.tokens.copy_(tokens)
         self.position.copy_(position)
-        if self.graph is None:
+        if self.decoder != "graph" or not tokens.is_cuda:
             return self.run()  # (n, V)
+        # Recorded at the second forward, so only a graph that will be replayed is recorded.
+        if self.graph is None:
+            self.record()
         self.graph.replay()
         # The next replay overwrites the graph's output.
         return self.logits.clone()  # (n, V)
@@ -402,8 +410,9 @@ def static_rows(model, cache, rows: torch.Tensor, filled: int, length: int) -> S
 
 @contextlib.contextmanager
 def fsdp_hooks_set_aside(model):
-    """FSDP2's forward hooks off for a while, on a model whose units all hold their full
-    parameters (inside gathered_once, after a forward): FSDP has nothing to do in a forward."""
+    """Every forward hook of the model's FSDP2 units (FSDP's own; any other too) off for a
+    while, on a model whose units all hold their full parameters (inside gathered_once, after
+    a forward): FSDP then has nothing to do in a forward."""
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in units:
         unit.unshard()  # a no-op where the parameters are gathered already

@@ -106,6 +106,18 @@ def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_sample
         dist.destroy_process_group()
 
 
+def test_an_unknown_decoder_and_the_graph_decoder_on_sliding_window_layers_are_refused(tiny):
+    model, _ = tiny
+    mask = torch.ones(2, 5, dtype=torch.long)  # (B, P)
+    with pytest.raises(ValueError, match="'fast': one of"):
+        modellib.DecodeBatch(model, None, mask, "fast", 10)
+    modellib.DecodeBatch(model, None, mask, "graph", 10)
+    text = model.config.get_text_config()
+    text.layer_types = ["sliding_attention"] * text.num_hidden_layers
+    with pytest.raises(ValueError, match="does not run sliding-window layers"):
+        modellib.DecodeBatch(model, None, mask, "graph", 10)
+
+
 def test_fsdp_hooks_come_back_when_sampling_fails(tiny, mixed_samples, single_process_group):
     model, processor = tiny
     with torch.no_grad():
