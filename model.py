@@ -328,8 +328,8 @@ class DecodeBatch:
     tensors, into which each token's ids and positions are copied. With graph on
     CUDA, the first forward runs as is (compiling it, the first time in a run);
     the second records it as a CUDA graph on those tensors, which it and every
-    later token replay. Dropping rows makes a new decode batch, so the graph is recorded
-    again, a few times per rollout.
+    later token replay. Dropping rows makes a new decode batch, so the graph is
+    recorded again, a few times per rollout.
     """
 
     def __init__(self, model, cache, attention_mask, decoder: str, length: int):
