@@ -58,8 +58,8 @@ policy pi_old and score each with rule rewards r_i (rewards.py). Then:
     policy that sampled, so after the first update rho departs from 1 and the
     clip in (3) acts. Its log-probs are the sampler's in fp32; in bf16 the
     sampler rounds otherwise than the training forward, so a no-grad training
-    forward recomputes them before the first update (train.update_policy), so
-    the first update's rho is 1 up to the forward's own rounding.
+    forward recomputes them before the first update (train.update_policy): the
+    first update's rho is then 1 up to the forward's own rounding.
 
 (8) Truncated completions (no end token before the length limit) can be given
     no loss at all, mask_{i,t} = 0 for every t (DAPO's overlong filtering,

@@ -205,13 +205,10 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-# How sample() runs its decode loop's one-token forward (train.py --decoder); all give the
-# same tokens:
-#   dynamic  Hugging Face's DynamicCache, which grows by one position per token;
-#   static   a cache preallocated for prompt and completion and written in place, so every
-#            forward of a decode batch has the same shapes;
-#   graph    static, through torch.compile, and on CUDA recorded as a CUDA graph once per
-#            decode batch, which every later token replays: one launch instead of Python.
+# How sample() runs its one-token forward (train.py --decoder); all give the same tokens.
+# dynamic: Hugging Face's DynamicCache, one position longer every token. static: a cache
+# preallocated for prompt and completion, written in place, so the shapes stay fixed.
+# graph: static, compiled, and on CUDA replayed as a CUDA graph (DecodeBatch).
 DECODERS = ("dynamic", "static", "graph")
 
 
