@@ -62,7 +62,7 @@ class BenchConfig:
     model: str = ""  # a local Qwen2-VL folder; qwen2-vl-2b = its real size, random; empty = tiny
     decoders: str = "dynamic"  # our side: a row for each of these decoders (model.DECODERS)
     decode_rows: str = ""  # e.g. 16,64: time a decoded token at these rows, against its bound
-    grad_checkpointing: bool = False  # our side: recompute decoder layers in the backward pass
+    grad_checkpointing: bool = False  # both sides: recompute decoder layers in the backward pass
     lora_rank: int = 16  # the "ours + LoRA" row: adapters of this rank (0: no such row)
     run: str = ""  # internal: ours, trl or decode, to run one part in a child process
     scaling: bool = True  # also print the table of our step time against G, length and image size
@@ -276,6 +276,7 @@ def trl(cfg: BenchConfig) -> dict:
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize(torch.device(cfg.device))
             times.append(time.perf_counter() - self.start)
 
     args = GRPOConfig(
@@ -283,8 +284,9 @@ def trl(cfg: BenchConfig) -> dict:
         num_generations=cfg.generations, max_completion_length=cfg.completion_tokens,
         generation_kwargs={"min_new_tokens": cfg.completion_tokens}, beta=0.04, loss_type="grpo",
         temperature=1.0, learning_rate=5e-4, use_cpu=cfg.device == "cpu", bf16=cfg.dtype == "bf16",
-        gradient_checkpointing=False, max_steps=cfg.warmup + cfg.steps, shuffle_dataset=False,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True)
+        gradient_checkpointing=cfg.grad_checkpointing, max_steps=cfg.warmup + cfg.steps,
+        shuffle_dataset=False, report_to="none", save_strategy="no", logging_steps=1,
+        disable_tqdm=True)
     trainer = GRPOTrainer(model=modellib.load_model(path),
                           reward_funcs=[reward("format"), reward("accuracy")], args=args,
                           train_dataset=dataset, processing_class=processor,

@@ -15,7 +15,10 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForImageTextToText, DynamicCache, StaticCache
+from transformers import (AttentionInterface, AutoConfig, AutoModelForImageTextToText,
+                          DynamicCache, StaticCache)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import lora
 from inputs import PromptBatch
@@ -257,8 +260,9 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
         return full.index_copy(0, active, values)
 
     # Every unit's parameters are gathered now (gathered_once), so FSDP's hooks would only
-    # cost Python per unit per token, and break torch.compile's graph apart.
-    with fsdp_hooks_set_aside(model):
+    # cost Python per unit per token, and break torch.compile's graph apart. Attention runs
+    # as one_token_attention, which copies no cached keys or values.
+    with fsdp_hooks_set_aside(model), attention_set(model, "one_token_sdpa"):
         for t in range(decoding.max_new_tokens):
             # NaN or inf weights, or an overflow, show here first.
             finite = logits.isfinite().all()
@@ -293,8 +297,9 @@ def sample(model, prompts: PromptBatch, group_size: int, decoding: Decoding,
                     f"weights hold NaN or inf, or the forward overflowed")
             if done or t == decoding.max_new_tokens - 1:
                 break
-            # Drop the ended rows once half have ended (never all: a forward must still run).
-            if 0 < left <= len(active) // 2:
+            # Drop the ended rows once half have ended, down to 2 rows (a forward must still
+            # run, and the compiled graph decoder would compile again for a single row).
+            if 1 < left <= len(active) // 2:
                 keep = going_on.nonzero().squeeze(1)  # (left,)
                 batch.select(keep, P + t)
                 active, next_position = active[keep], next_position[keep]
@@ -421,6 +426,44 @@ def fsdp_hooks_set_aside(model):
     finally:
         for unit, (pre, post) in zip(units, hooks):
             unit._forward_pre_hooks, unit._forward_hooks = pre, post
+
+
+@contextlib.contextmanager
+def attention_set(model, name: str):
+    """The language model's attention by another Hugging Face attention function for a while."""
+    config = model.config.get_text_config()
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def one_token_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """SDPA of one query token per row on the key/value heads: query (n, H, 1, d) -> (n, 1, H, d).
+
+    Under torch.compile, Hugging Face's SDPA copies every cached key and value once
+    per query head sharing it (repeat_kv): 6 copies per layer per token for
+    Qwen2-VL-2B's 12 query and 2 key/value heads, more than the weights it reads.
+    Here the query heads of each key/value head attend as rows of one query instead,
+    which is the same attention (one token's mask is the same for every row).
+    Dropout is ignored: the decode loop runs in eval mode.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      **kwargs)
+    n, heads, _, d = query.shape
+    # Query heads h * groups ... (h + 1) * groups - 1 share key/value head h, as in repeat_kv.
+    query = query.reshape(n, heads // groups, groups, d)  # (n, H / groups, groups, d)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling)  # (n, H / groups, groups, d)
+    return out.reshape(n, heads, 1, d).transpose(1, 2), None  # (n, 1, H, d)
+
+
+AttentionInterface.register("one_token_sdpa", one_token_attention)
+AttentionMaskInterface.register("one_token_sdpa", sdpa_mask)
 
 
 class PromptCache(DynamicCache):

@@ -7,6 +7,7 @@ must be the training forward's.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,16 +49,18 @@ def test_static_decoder_gives_the_dynamic_tokens_and_the_training_forwards_logpr
     model, processor = any_model
     batch = encode(processor, mixed_samples, SIZES["different"])
     assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
-    seen = []
+    seen, text = [], model.config.get_text_config()
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
         (kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[1],
-         type(kwargs["past_key_values"]))), with_kwargs=True)
+         type(kwargs["past_key_values"]), text._attn_implementation)), with_kwargs=True)
     static = rollout(model, batch, "static")
     hook.remove()
     assert_same_rollout(static, rollout(model, batch, "dynamic"))
     # After the prefill, every forward ran on a preallocated cache of one fixed length,
-    # on a decode batch that shrank more than once.
-    decode_steps = seen[1:]
+    # with one_token_attention, on a decode batch that shrank more than once.
+    decode_steps = [step[:3] for step in seen[1:]]
+    assert {step[3] for step in seen} == {"sdpa", "one_token_sdpa"} == {seen[0][3], seen[1][3]}
+    assert text._attn_implementation == "sdpa"
     assert {kind for _, _, kind in decode_steps} == {StaticCache}
     assert len({width for _, width, _ in decode_steps}) == 1
     assert decode_steps[0][0] == 3 * G and len({rows for rows, _, _ in decode_steps}) >= 3
@@ -91,19 +94,42 @@ def test_graph_decoder_compiles_in_one_piece_under_fsdp2_and_gives_the_same_toke
     torch.testing.assert_close(logprobs[mask], dynamic.logprobs[mask], rtol=0, atol=1e-5)
 
 
+def test_one_token_attention_is_attention_over_repeated_key_value_heads():
+    """Oracle: each key/value head repeated for the query heads that share it."""
+    torch.manual_seed(0)
+    n, heads, kv_heads, length, d = 3, 6, 2, 9, 4
+    query = torch.randn(n, heads, 1, d)
+    key, value = torch.randn(n, kv_heads, length, d), torch.randn(n, kv_heads, length, d)
+    mask = torch.rand(n, 1, 1, length) < 0.6
+    mask[..., 0] = True  # every row attends somewhere
+    groups = heads // kv_heads
+    module = SimpleNamespace(num_key_value_groups=groups)
+    ours, _ = modellib.one_token_attention(module, query, key, value, mask, scaling=0.3)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
+        attn_mask=mask, scale=0.3)  # (n, heads, 1, d)
+    torch.testing.assert_close(ours, expected.transpose(1, 2), rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_samples):
+def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_samples, monkeypatch):
     """On a GPU the graph decoder records a CUDA graph per decode batch and replays it."""
     model, processor = tiny
     model.cuda()
     batch = encode(processor, mixed_samples, SIZES["different"]).to("cuda")
     dynamic = rollout(model, batch, "dynamic")
+    recorded = []
+    record = modellib.DecodeBatch.record
+    monkeypatch.setattr(modellib.DecodeBatch, "record",
+                        lambda self: recorded.append(len(self.tokens)) or record(self))
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
         modellib.shard(model, bf16=False)
         assert_same_rollout(rollout(model, batch, "graph"), dynamic)
     finally:
         dist.destroy_process_group()
+    # A graph per decode batch, the first of all 3 * G rows; fewer each time rows are dropped.
+    assert recorded[0] == 3 * G and len(recorded) >= 3 and recorded == sorted(recorded)[::-1]
 
 
 def test_an_unknown_decoder_and_the_graph_decoder_on_sliding_window_layers_are_refused(tiny):
