@@ -62,8 +62,10 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
                 merged = lora.merged(state, model.lora_config) if adapters else state
                 model.save_pretrained(tmp, state_dict=merged)
                 processor.save_pretrained(tmp)
-            for name, content in extra.items():
-                (tmp / name).write_text(json.dumps(content, indent=1))
+            # The adapter folder is a checkpoint eval.py reads too: its training config and data.
+            for target in [tmp, tmp / "adapter"] if adapters and not only_adapters else [tmp]:
+                for name, content in extra.items():
+                    (target / name).write_text(json.dumps(content, indent=1))
             if optimizer is not None:
                 torch.save(trainer_state, tmp / "trainer_state.pt")
         except (OSError, RuntimeError) as error:
@@ -78,9 +80,10 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
     dist.barrier()
 
 
-# Flags that may change on a resume without changing what is trained.
-BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "steps", "epochs", "eval_every",
-               "eval_size", "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps",
+# Flags that may change on a resume without changing what is trained (not --steps or --epochs:
+# they set the length of the learning-rate schedule).
+BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "eval_every", "eval_size",
+               "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps",
                "report_to"}
 
 
@@ -175,6 +178,15 @@ def resume_folder(resume: str, out: Path) -> str | None:
         return None
     if resume and (problem := incomplete(Path(resume))):
         raise SystemExit(f"--resume {resume}: {problem}; pass a complete step-N folder or auto")
+    if resume and Path(resume).parent.resolve() == out.resolve():
+        # A later --resume auto would take the abandoned run's later checkpoints for this one's.
+        step = Path(resume).name.removeprefix("step-")
+        later = [f.name for f in step_checkpoints(out)
+                 if step.isdigit() and int(f.name.removeprefix("step-")) > int(step)]
+        if later:
+            raise SystemExit(f"--resume {resume}: {out} also holds the later checkpoints "
+                             f"{', '.join(later)}; move them out of it, or resume into another "
+                             "--output_dir")
     return resume or None
 
 

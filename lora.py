@@ -23,7 +23,11 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
-    """base(x) + scale * lora_B(lora_A(dropout(x))); the adapter adds nothing while disabled."""
+    """base(x) + scale * lora_B(lora_A(dropout(x))); the adapter adds nothing while disabled.
+
+    Dropout acts in the forwards that compute gradients (the loss), never in sampling
+    or in log-probs taken without gradients: the model stays in eval mode throughout.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
@@ -33,7 +37,7 @@ class LoRALinear(nn.Module):
         # PEFT's initialisation: A as nn.Linear's default, B zero.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
         self.scale = alpha / rank
         self.enabled = True
 
@@ -41,7 +45,8 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if not self.enabled:
             return out
-        return out + self.scale * self.lora_B(self.lora_A(self.dropout(x)))
+        x = nn.functional.dropout(x, self.dropout, training=torch.is_grad_enabled())
+        return out + self.scale * self.lora_B(self.lora_A(x))
 
 
 def target_pattern(targets: str) -> str:

@@ -82,8 +82,9 @@ TRAINING_MODES = [name for name, mode in MODES.items() if mode.layout]
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # "B", "b", "B.", "(B)", "B)", "B:" alone.
 LONE_LETTER = re.compile(r"\(?([A-Za-z])\)?[.):]?")
-# "B) text", "B. text", "(B) text": a letter marked as an option label, then text.
-LABELLED_LETTER = re.compile(r"\(?([A-Za-z])[.):]\s+\S.*", re.DOTALL)
+# "B) text", "B. text", "(B) text", and "B)text" as the prompt lists options: a letter
+# marked as an option label, then text.
+LABELLED_LETTER = re.compile(r"\(?([A-Za-z])(?:\)\s*|[.:]\s+)(\S.*)", re.DOTALL)
 # What a model writes around its answer: markdown emphasis, code quotes, an "Answer:" label.
 EMPHASIS = "*_`"
 ANSWER_LABEL = re.compile(r"^(?:final\s+)?answer(?:\s*[:-]|\s+is\b:?)\s*", re.IGNORECASE)
@@ -111,9 +112,15 @@ def extract_choice(text: str, options: dict) -> str | None:
     match = LONE_LETTER.fullmatch(content) or LABELLED_LETTER.fullmatch(content)
     if match:
         letter = match.group(1).upper()
+        if letter not in options:
+            return None
+        # "B) Hepatitis A" is option B's own text, whatever letters it holds.
+        own_text = match.group(2) if match.lastindex == 2 else None
+        if own_text and own_text.strip().lower() == options[letter].strip().lower():
+            return letter
         # "A) CT or B) MRI" names two options: ambiguous, so no choice.
         others = re.search(rf"\b[{''.join(options)}]\b", content[match.end(1):])
-        return letter if letter in options and not others else None
+        return None if others else letter
     by_text = [L for L, text in options.items() if text.strip().lower() == content.lower()]
     return by_text[0] if len(by_text) == 1 else None
 

@@ -191,6 +191,10 @@ def parse_problem(problem: str, where: str) -> tuple[str, dict]:
             break
         options[letter], rest = rest[:cut], rest[cut + len(", B)"):]
     options[LETTERS[len(options)]] = rest  # the last option runs to the end
+    # A second " A)" (in the question, say) or a label past D would make these cuts guess.
+    if problem.count(" A)") > 1 or re.search(r", [E-Z]\)", rest):
+        raise DataError(f"{where}: cannot tell the options apart in problem {problem!r}: a "
+                        "second ' A)', or an option past D")
     if len(options) < 2:
         raise DataError(f"{where}: needs at least 2 options, has {len(options)} in problem "
                         f"{problem!r}")

@@ -300,7 +300,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                 recomputed = logprobs_of(policy, chunk)  # (n, T)
                 if weight:
                     old_logprobs[chunk] = recomputed
-    metrics = []
+    metrics, tokens = [], []
     for _ in range(cfg.num_iterations):
         for chunk, weight in chunks:
             chunk_mask = mask[chunk] * weight  # (n, T)
@@ -315,12 +315,36 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
             chunk_metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
             chunk_metrics["loss"] = loss.item()
             metrics.append(chunk_metrics)
-    # Over the minibatch updates: extremes stay extremes, the rest are averaged.
-    reduce = {"ratio_min": min, "ratio_max": max, "kl_max": max}
-    averaged = {k: reduce.get(k, statistics.fmean)([m[k] for m in metrics]) for k in metrics[0]}
-    return {**averaged, "zero_std_groups": zero_std.float().mean().item(),
+            tokens.append(chunk_mask.sum().item())
+    return {**update_metrics(metrics, tokens), "zero_std_groups": zero_std.float().mean().item(),
             "trained_rows": len(rows) / N,
             "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
+
+
+def update_metrics(metrics: list[dict], tokens: list[float]) -> dict:
+    """The policy_loss metrics of this rank's updates, over every rank: each update weighs by the
+    tokens it trained on, so one a rank runs without rows (weight 0) counts for nothing, and the
+    extremes come from updates with tokens. loss and grad_norm, already global, are averaged."""
+    extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max"}
+    summary = {"tokens": sum(tokens)}
+    for key in metrics[0]:
+        values = [m[key] for m, n in zip(metrics, tokens) if n]
+        if key in ("loss", "grad_norm"):
+            summary[key] = statistics.fmean(m[key] for m in metrics)
+        elif key in extremes:
+            summary[key] = (min(values, default=math.inf) if extremes[key] == "min" else
+                            max(values, default=-math.inf))
+        else:
+            summary[key] = sum(m[key] * n for m, n in zip(metrics, tokens))
+    reduced = common.reduce_over_ranks(summary, extremes)
+    for key in metrics[0]:
+        if key in extremes and not math.isfinite(reduced[key]):
+            reduced[key] = 1.0 if key.startswith("ratio") else 0.0  # no token trained anywhere
+        elif key not in extremes and key not in ("loss", "grad_norm"):
+            # Means over ranks of the sums over one rank: their ratio is the mean per token.
+            reduced[key] /= max(reduced["tokens"], 1e-12)
+    del reduced["tokens"]
+    return reduced
 
 
 def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple:
@@ -342,7 +366,8 @@ def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-    if torch.isfinite(grad_norm):
+    # A zero gradient (no row trained) skips too: AdamW's momentum would still move the weights.
+    if torch.isfinite(grad_norm) and grad_norm > 0:
         optimizer.step()
     schedule.step()
     return grad_norm.item()
@@ -449,6 +474,7 @@ def main():
         samples = [train_samples[i] for i in step_indices[rank * B:(rank + 1) * B]]
 
         # ---- one iteration: rollout, rewards, update (or the supervised baseline's step)
+        lr = schedule.get_last_lr()[0]  # this step's (first update's) learning rate
         if cfg.algo == "sft":
             metrics, example = sft_iteration(cfg, policy, optimizer, schedule, processor, samples)
         else:
@@ -459,7 +485,7 @@ def main():
                 modellib.sync_reference(policy, reference, cfg.ref_sync_alpha)
 
         # ---- log
-        logged = log.step(step, metrics, time.time() - start, schedule.get_last_lr()[0],
+        logged = log.step(step, metrics, time.time() - start, lr,
                           cfg.prompts_per_step * cfg.num_generations)
         if example and cfg.rollouts_every and step % cfg.rollouts_every == 0:
             log.write("rollouts", {"step": step, **example})

@@ -263,5 +263,11 @@ def test_a_resume_on_other_data_stops_and_changed_settings_are_listed(tiny_path,
     done = subprocess.run([sys.executable, *args, *resume, "--modalities", "CT", "--output_dir",
                            str(tmp_path / "ct")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "it trained on other questions than these" in done.stderr
-    out = run([*args, *resume, "--lr", "0.0002", "--output_dir", str(tmp_path / "lr")])
-    assert "resuming with changed settings: lr 0.0005 -> 0.0002" in out
+    # Into its own folder, which holds step-2 of the run it leaves behind.
+    done = subprocess.run([sys.executable, *args, *resume, "--output_dir", str(tmp_path / "first")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "also holds the later checkpoints step-2;" in done.stderr
+    out = run([*args, *resume, "--lr", "0.0002", "--steps", "2", "--output_dir", str(tmp_path / "lr")])
+    # --steps sets the learning-rate schedule's length: a change is a change of what is trained.
+    assert "resuming with changed settings: " in out
+    assert "lr 0.0005 -> 0.0002" in out and "steps 3 -> 2" in out

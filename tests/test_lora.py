@@ -58,6 +58,9 @@ def test_peft_reads_our_adapters_the_merge_matches_and_we_read_peft_adapters(
     run(["train.py", "--steps", "2", "--lr", "1e-2", "--lora_rank", "4", *SMALL, "--output_dir",
          str(tmp_path / "run")])
     final = tmp_path / "run" / "final"
+    # eval.py reads the adapter folder's training config (its prompt mode) and data.
+    for name in ("train_config.json", "training_data.json"):
+        assert (final / "adapter" / name).read_text() == (final / name).read_text()
     ours = modellib.load_model(final / "adapter")
     theirs = peft.PeftModel.from_pretrained(modellib.load_model(tiny_path), final / "adapter")
     expected = logprobs(theirs.base_model.model, processor, samples, ids)
@@ -114,3 +117,16 @@ def test_lora_refuses_a_refreshed_reference():
     stopped = subprocess.run([sys.executable, "train.py", "--lora_rank", "4", "--ref_sync_every", "2"], cwd=REPO,
                              capture_output=True, text=True)
     assert stopped.returncode != 0 and "--ref_sync_every needs a reference of its own" in stopped.stderr
+
+
+def test_lora_dropout_acts_only_in_forwards_with_gradients():
+    """The loss's forward drops adapter inputs; sampling and no-grad log-probs never do."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(torch.nn.Linear(8, 8), rank=4, alpha=8, dropout=0.5).eval()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(16, 8)
+    undropped = layer.base(x) + 2 * layer.lora_B(layer.lora_A(x))  # scale = alpha / rank
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), undropped)
+    # In eval mode, as the model always is: gradients decide.
+    assert not torch.allclose(layer(x), undropped)

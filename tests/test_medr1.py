@@ -112,6 +112,12 @@ def test_an_omnimedvqa_record_built_from_a_medr1_problem_gives_that_problem_back
     assert sources.parse_problem(problem, "here") == (question, dict(zip("ABCD", texts)))
 
 
+@pytest.mark.parametrize("problem", ["Is this a type A) case? A)Yes, B)No", "Which? A)u, B)v, C)w, D)x, E)y"])
+def test_a_problem_whose_options_cannot_be_told_apart_is_refused(problem):
+    with pytest.raises(sources.DataError, match="here: cannot tell the options apart"):
+        sources.parse_problem(problem, "here")
+
+
 def write_split(folder: Path, name: str, records: list[dict]) -> Path:
     path = folder / name
     path.write_text(json.dumps(records))

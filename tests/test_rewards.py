@@ -103,6 +103,23 @@ def test_extract_choice_returns_the_upper_case_letter_or_none(text, letter):
     assert extract_choice(text, OPTIONS) == letter
 
 
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("<answer>C)Hepatitis C</answer>", "C"),  # as the prompt lists options: no space
+        ("(b)Hepatitis B", "B"),
+        ("<answer>D) Hepatitis A or B</answer>", "D"),  # the option's own text names letters
+        ("<answer>d) hepatitis a or b</answer>", "D"),
+        ("<answer>A) Hepatitis C</answer>", None),  # a label and another option's text
+        ("<answer>C.Hepatitis C</answer>", None),  # no space after "." or ":": prose, not a label
+    ],
+)
+def test_an_option_label_then_its_own_text_is_that_option(text, letter):
+    options = {"A": "Hepatitis A", "B": "Hepatitis B", "C": "Hepatitis C",
+               "D": "Hepatitis A or B"}
+    assert extract_choice(text, options) == letter
+
+
 def test_a_question_without_options_has_no_choice():
     assert extract_choice("<answer>A</answer>", {}) is None
 

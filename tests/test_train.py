@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import REPO
 
 import common
+import model as modellib
 import train
 
 SMALL = ["--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "12", "--eval_every", "0",
@@ -160,12 +161,14 @@ def step_inputs(tiny, modality_split, single_process_group):
 
     model, processor = tiny
     modellib.shard(model, bf16=False)
+    # Before any forward, as in train.py: after one without gradients, model.parameters()
+    # holds the root unit's gathered parameters instead of FSDP's shards.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     samples = modality_split[0][:2]
     prompts = data.collate(samples, processor, "think-after")
     end_ids = modellib.end_token_ids(model, processor.tokenizer)
     rollout = modellib.sample(model, prompts, 4, modellib.Decoding(12, end_ids=end_ids),
                               generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     return model, optimizer, schedule, prompts, samples, rollout
 
@@ -202,6 +205,52 @@ def test_with_several_updates_per_rollout_the_ratio_departs_from_one_and_clips(s
                         eps_low=0.001, eps_high=0.001)
     assert several["ratio_max"] > 1.001 or several["ratio_min"] < 0.999
     assert several["clip_frac"] > 0
+
+
+def gradients(model, params, prompts, rollout) -> list[torch.Tensor]:
+    """The gradients of params (the optimizer's: FSDP2's shards) of one backward pass of the
+    summed log-probs, zeroed between forward and backward as train.optimizer_step does."""
+    loss = modellib.token_logprobs(model, prompts, rollout.completion_ids, rollout.completion_mask,
+                                   group_size=4).sum()
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return [getattr(p.grad, "_local_tensor", p.grad).clone() for p in params]
+
+
+def test_after_a_rollout_each_backward_gives_a_plain_models_gradients(step_inputs, tiny_path):
+    """Oracle: the model without FSDP2, after the rollout's forwards without gradients."""
+    sharded, optimizer, _, prompts, _, rollout = step_inputs
+    plain = modellib.load_model(tiny_path)
+    expected = gradients(plain, list(plain.parameters()), prompts, rollout)
+    for _ in range(2):
+        ours = gradients(sharded, optimizer.param_groups[0]["params"], prompts, rollout)
+        for ours, theirs in zip(ours, expected):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_an_update_that_trains_no_row_leaves_the_weights_alone(step_inputs):
+    """AdamW would move the weights by its momentum even on a zero gradient."""
+    model = step_inputs[0]
+    grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1])  # the optimizer now has momentum
+    before = [p.detach().to_local().clone() for p in model.parameters()]
+    metrics = grpo_step(step_inputs, [1] * 8, filter_zero_std=True)
+    assert metrics["trained_rows"] == 0 and metrics["grad_norm"] == 0
+    assert all(torch.equal(p.detach().to_local(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_update_metrics_weigh_updates_by_their_tokens_and_skip_empty_ones(single_process_group):
+    """An update a rank runs without rows (0 tokens) changes no logged number."""
+    trained = {"loss": 0.5, "grad_norm": 2.0, "kl": 0.3, "clip_frac": 0.25, "kl_max": 0.9,
+               "ratio_min": 0.8, "ratio_max": 1.3}
+    less = {"loss": 0.1, "grad_norm": 1.0, "kl": 0.1, "clip_frac": 0.0, "kl_max": 0.2,
+            "ratio_min": 0.95, "ratio_max": 1.05}
+    empty = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "kl_max": 0.0,
+             "ratio_min": 1.0, "ratio_max": 1.0}
+    logged = train.update_metrics([trained, less, empty], [30, 10, 0])
+    assert logged == pytest.approx({"loss": 0.2, "grad_norm": 1.0, "kl": 0.25, "clip_frac": 0.1875,
+                                    "kl_max": 0.9, "ratio_min": 0.8, "ratio_max": 1.3})
+    assert train.update_metrics([empty], [0]) == {**empty, "grad_norm": 0.0}
 
 
 def test_mask_truncated_gives_truncated_completions_no_loss(step_inputs, monkeypatch):
@@ -311,6 +360,9 @@ def test_epochs_set_the_number_of_steps_from_the_training_size(tiny_path, tmp_pa
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
     config = json.loads((tmp_path / "final" / "train_config.json").read_text())
     assert (config["steps"], config["epochs"], config["top_k"]) == (4, 0.01, 5)
+    # Each step logs the learning rate it trained with: linear decay from --lr over 4 steps.
+    lrs = [m["lr"] for m in metrics(tmp_path)]
+    assert lrs == pytest.approx([config["lr"] * (1 - k / 4) for k in range(4)])
 
 
 def wandb_history(run_file) -> list[dict]:
