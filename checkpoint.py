@@ -237,9 +237,14 @@ def claim(out: Path, resume: str, overwrite: bool) -> None:
 
 
 def truncate_logs(out: Path, step: int) -> None:
-    """On rank 0, drop the log lines of steps after step: a resumed run writes them again."""
+    """On rank 0, drop the log lines of steps after step (a resumed run writes them again),
+    and a last line cut short by a crash; the file is replaced whole."""
     for name in ("metrics.jsonl", "rollouts.jsonl"):
         path = out / name
         if dist.get_rank() == 0 and path.exists():
             lines = path.read_text().splitlines(keepends=True)
-            path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # cut short by a crash
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+            tmp.replace(path)

@@ -549,7 +549,9 @@ def enable_grad_checkpointing(model) -> None:
 
 
 def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> torch.Tensor:
-    """Mean negative log-likelihood of each target text and <|im_end|>, on completion tokens."""
+    """Mean negative log-likelihood of each target text and <|im_end|>, over the target tokens
+    of every rank: FSDP averages the ranks' gradients, so each rank divides its sum by the
+    mean count per rank (targets differ in length from rank to rank)."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = [tokenizer(text)["input_ids"] + [end] for text in targets]
     T = max(len(t) for t in ids)
@@ -558,7 +560,11 @@ def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> torc
     device = prompts.input_ids.device
     completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
     logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
-    return -(logprobs * completion_mask).sum() / completion_mask.sum()
+    count = completion_mask.sum().double()
+    if dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return -(logprobs * completion_mask).sum() / count
 
 
 @torch.no_grad()

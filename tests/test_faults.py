@@ -224,6 +224,8 @@ def test_resume_auto_passes_over_a_cut_checkpoint_and_logs_each_step_once(tiny_p
     run(args)
     state = tmp_path / "step-3" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:len(state.read_bytes()) // 2])  # a disk that filled up
+    with open(tmp_path / "metrics.jsonl", "a") as log:
+        log.write('{"step": 5, "lo')  # a line the crash cut short
     out = run([*args, "--resume", "auto"])
     assert f"not resuming from {tmp_path / 'step-3'}: trainer_state.pt is cut short" in out
     assert f"resumed from {tmp_path / 'step-2'} at step 2" in out

@@ -281,6 +281,21 @@ def benchmark_files(root: Path, dataset_root) -> dict:
     return files
 
 
+def test_sft_on_answers_of_different_lengths_is_the_same_on_one_and_two_ranks(tmp_path, tiny_path,
+                                                                             dataset_root):
+    """Each rank's targets hold a different number of tokens: the loss is the mean over all."""
+    from test_train import metrics, run
+
+    files = benchmark_files(tmp_path, dataset_root)
+    args = ["train.py", "--algo", "sft", "--train_split", str(files["train"]), "--test_split",
+            str(files["test"]), "--steps", "1", "--prompts_per_step", "4", "--eval_size", "2",
+            "--eval_every", "0", "--cache_dir", str(tmp_path / "cache")]
+    for nproc in (1, 2):
+        run([*args, "--output_dir", str(tmp_path / f"ranks{nproc}")], nproc)
+    [one], [two] = metrics(tmp_path / "ranks1"), metrics(tmp_path / "ranks2")
+    assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
+
+
 def test_train_and_eval_read_jsonl_and_parquet_with_several_images_and_free_answers(tmp_path, tiny_path,
                                                                                     dataset_root):
     from test_train import run
