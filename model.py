@@ -560,7 +560,7 @@ def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> torc
     device = prompts.input_ids.device
     completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
     logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
-    count = completion_mask.sum().double()
+    count = completion_mask.sum().float()
     if dist.is_initialized():
         dist.all_reduce(count)
         count = count / dist.get_world_size()
