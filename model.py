@@ -548,10 +548,11 @@ def enable_grad_checkpointing(model) -> None:
         layer._can_checkpoint_with_cache = True
 
 
-def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> torch.Tensor:
-    """Mean negative log-likelihood of each target text and <|im_end|>, over the target tokens
-    of every rank: FSDP averages the ranks' gradients, so each rank divides its sum by the
-    mean count per rank (targets differ in length from rank to rank)."""
+def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str],
+             all_ranks: bool = False) -> torch.Tensor:
+    """Mean negative log-likelihood of each target text and <|im_end|>, over its tokens, or
+    with all_ranks over the target tokens of every rank (a collective): FSDP averages the
+    ranks' gradients, so each rank divides its sum by the mean count per rank."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = [tokenizer(text)["input_ids"] + [end] for text in targets]
     T = max(len(t) for t in ids)
@@ -561,7 +562,7 @@ def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> torc
     completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
     logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
     count = completion_mask.sum().float()
-    if dist.is_initialized():
+    if all_ranks:
         dist.all_reduce(count)
         count = count / dist.get_world_size()
     return -(logprobs * completion_mask).sum() / count

@@ -352,7 +352,8 @@ def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dic
     device = common.collective_device()
     prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size or None).to(device)
     targets = [f"<answer>{s['answer']}</answer>" for s in samples]
-    loss = modellib.sft_loss(policy, processor.tokenizer, prompts, targets)
+    # Targets differ in length from rank to rank: the mean is over every rank's tokens.
+    loss = modellib.sft_loss(policy, processor.tokenizer, prompts, targets, all_ranks=True)
     grad_norm = optimizer_step(cfg, policy, optimizer, schedule, loss)
     return {"loss": loss.item(), "grad_norm": grad_norm}, None
 

@@ -258,6 +258,22 @@ def test_two_processes_building_the_default_at_once_both_get_it_whole(dataset_ro
     assert modellib.load_model(tmp_path / "model") is not None
 
 
+def test_on_two_ranks_rank_0_builds_the_default_while_the_other_waits(dataset_root, tmp_path):
+    """As on a fresh machine: the build runs on rank 0 alone, so it must make no collective
+    call (one would wait forever for the other rank, held at the barrier)."""
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys, functools, torch.distributed as dist, tiny\n"
+        "dist.init_process_group('gloo')\n"
+        "tiny.build_tiny = functools.partial(tiny.build_tiny, warmup_steps=1)\n"
+        "print('built', tiny.model_path('', sys.argv[1], sys.argv[2]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script), str(tmp_path), str(dataset_root)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("built") == 2, done.stderr[-2000:]
+
+
 def test_a_resume_on_other_data_stops_and_changed_settings_are_listed(tiny_path, tmp_path):
     args = ["train.py", "--steps", "3", "--save_every", "1", *SMALL]
     run([*args, "--output_dir", str(tmp_path / "first")])
