@@ -224,8 +224,8 @@ def test_after_a_rollout_each_backward_gives_a_plain_models_gradients(step_input
     plain = modellib.load_model(tiny_path)
     expected = gradients(plain, list(plain.parameters()), prompts, rollout)
     for _ in range(2):
-        ours = gradients(sharded, optimizer.param_groups[0]["params"], prompts, rollout)
-        for ours, theirs in zip(ours, expected):
+        computed = gradients(sharded, optimizer.param_groups[0]["params"], prompts, rollout)
+        for ours, theirs in zip(computed, expected):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
@@ -250,7 +250,7 @@ def test_update_metrics_weigh_updates_by_their_tokens_and_skip_empty_ones(single
     logged = train.update_metrics([trained, less, empty], [30, 10, 0])
     assert logged == pytest.approx({"loss": 0.2, "grad_norm": 1.0, "kl": 0.25, "clip_frac": 0.1875,
                                     "kl_max": 0.9, "ratio_min": 0.8, "ratio_max": 1.3})
-    assert train.update_metrics([empty], [0]) == {**empty, "grad_norm": 0.0}
+    assert train.update_metrics([empty], [0]) == empty
 
 
 def test_mask_truncated_gives_truncated_completions_no_loss(step_inputs, monkeypatch):
