@@ -1,7 +1,8 @@
-"""Splits, checks, prompts and collation of samples (sources.py reads them from files).
+"""Files to sets, splits, checks, prompts and collation of samples.
 
 Every sample has one form (sources.py): id, images, question, options, answer,
-answer_type, modality, question_type. Here they are split into training and
+answer_type, modality, question_type. Here files are read as sets (the
+readers are in sources.py and benchmarks.py), split into training and
 held-out sides with no test question (or image) on both, checked before
 training (every image decoded, every prompt within the model's positions), and
 turned into chat prompts and model inputs.
@@ -9,6 +10,7 @@ turned into chat prompts and model inputs.
 Shapes: B prompts, G samples per prompt, P prompt tokens.
 """
 
+import glob
 import hashlib
 import os
 import random
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+import benchmarks
 import rewards
 import sources
 from inputs import PromptBatch, load_image
@@ -48,10 +51,75 @@ def random_guess_accuracy(samples: list[dict]) -> float | None:
     return None if None in chances else sum(chances) / len(chances)
 
 
+# ---------------------------------------------------------------- files to sets
+
+
+def read_spec(spec: str) -> dict[str, list[Path]]:
+    """Comma-separated `[name=]file[+file...]` entries -> name -> files, in order; a file may be
+    a glob pattern. Unnamed entries are named by default_name."""
+    sets = {}
+    for entry in filter(None, spec.split(",")):
+        name, _, files = entry.rpartition("=")
+        paths = []
+        for pattern in files.split("+"):
+            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+            if not matches:
+                raise DataError(f"{pattern}: no file matches")
+            paths += map(Path, matches)
+        name = name or default_name(paths[0])
+        if name in sets:
+            raise DataError(f"{entry}: a second set named {name!r}: name each set (name=file)")
+        sets[name] = paths
+    return sets
+
+
+def default_name(path: Path) -> str:
+    """A set's name from its first file: a Med-R1 split file's modality or question type, else
+    the file's stem, or the dataset's folder (the one above data/) where the stem only names a
+    split (test.json, test-00000-of-00001.parquet)."""
+    if re.fullmatch(r"(train|test|validation|val|dev)([-_.].*)?", path.stem):
+        return next((p.name for p in path.resolve().parents if p.name not in ("data", "")),
+                    path.stem)
+    name = path.stem.rsplit("_", 1)[0]
+    return sources.MODALITY_BY_TYPE.get(name, name) if path.suffix == ".json" else path.stem
+
+
+def file_kind(path: Path) -> str:
+    """Which reader takes a file: by its suffix, and a .json file by its name (Med-R1's split
+    files are named after a modality or question type; any other is read as SLAKE's)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".json":
+        return "medr1" if sources.medr1_split_name(path) else "slake"
+    if path.suffix in (".jsonl", ".parquet", ".csv"):
+        return path.suffix[1:]
+    raise DataError(f"{path}: not a file this project reads (.json: Med-R1 split or SLAKE, "
+                    ".jsonl: our records, .parquet: a benchmark as the Hugging Face hub ships it, "
+                    ".csv: PMC-VQA)")
+
+
+def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[dict]:
+    """The samples of one file (file_kind): a Med-R1 split file's images are under image_root, a
+    parquet file's are written to cache_dir/images."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "medr1":
+        return sources.load_medr1_split(path, image_root, errors)
+    if kind == "slake":
+        return benchmarks.load_slake(path, errors)
+    if kind == "jsonl":
+        return sources.load_jsonl(path, errors)
+    if kind == "csv":
+        return benchmarks.load_pmc_vqa_csv(path, errors)
+    return benchmarks.load_parquet(path, (Path(cache_dir) / "images").resolve(), errors)
+
+
 def load_splits(root, modalities: list, question_types: list, train_split: str = "",
-                test_split: str = "", drop_test_images: bool = True, skip_bad_records: bool = False,
-                cache_dir: str = ".cache", log=print) -> tuple[list, list]:
-    """Train and test samples: no test question is ever trained on; what was held apart goes to log.
+                test_split: str = "", drop_test_images: bool = True,
+                skip_bad_records: bool = False, cache_dir: str = ".cache",
+                log=print) -> tuple[list, list]:
+    """Train and test samples: no test question is ever trained on; what was held
+    apart goes to log.
 
     Without split files, root is split 80/20 by image as a whole and only then
     filtered, so every image has one side whatever the filters: a model trained
@@ -59,20 +127,20 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
     takes its questions (with drop_test_images, every question on its images)
     out of the training side; a Med-R1 train split file without a test file takes
     its questions (images) out of root's test side. Split files are any that
-    sources.load_file reads, in read_spec's syntax. Every image is checked once
+    load_file reads, in read_spec's syntax. Every image is checked once
     here, before training; a bad record raises DataError naming it, or with
     skip_bad_records is dropped and counted.
     """
     def from_files(spec: str) -> list[dict]:
-        return [s for files in sources.read_spec(spec).values() for path in files
-                for s in sources.load_file(path, root, cache_dir, errors)]
+        return [s for files in read_spec(spec).values() for path in files
+                for s in load_file(path, root, cache_dir, errors)]
 
     train, test, notes, errors = [], [], [], [] if skip_bad_records else None
     if train_split and not test_split and any(
-            sources.file_kind(path) != "medr1" for files in sources.read_spec(train_split).values()
+            file_kind(path) != "medr1" for files in read_spec(train_split).values()
             for path in files):
-        raise DataError(f"--train_split {train_split}: only Med-R1's split files are tested on "
-                        "the rest of --data; pass --test_split too")
+        raise DataError(f"--train_split {train_split}: only Med-R1's split files are tested "
+                        "on the rest of --data; pass --test_split too")
     if not (train_split and test_split):
         train, test = split_by_image(sources.load_omnimedvqa(root, errors=errors))
     train = from_files(train_split) if train_split else train
@@ -83,8 +151,8 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
                                  "the test split")
         notes.append(note)
     elif train_split:
-        test, note = held_apart(test, train, drop_test_images, "held-out questions of " + str(root),
-                                "the train split")
+        test, note = held_apart(test, train, drop_test_images,
+                                f"held-out questions of {root}", "the train split")
         notes.append(note)
     train = check_images(sources.select(train, modalities, question_types), errors)
     test = check_images(sources.select(test, modalities, question_types), errors)
@@ -103,7 +171,7 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
     return train, test
 
 
-# How sources.write_image names an image from a parquet file: its bytes' SHA-1.
+# How benchmarks.write_image names an image from a parquet file: its bytes' SHA-1.
 HASH_NAMED = re.compile(r"[0-9a-f]{40}")
 
 
@@ -157,8 +225,8 @@ def held_apart(samples: list[dict], other: list[dict], by_image: bool, what: str
     note = (f"{removed} {what} removed: {same_question} are questions of {source}, "
             f"{removed - same_question} share an image with it")
     if same_image:
-        note += (f"; {same_image} images of {source} are still on both sides, with other questions "
-                 "(--drop_test_images true removes them)")
+        note += (f"; {same_image} images of {source} are still on both sides, with other "
+                 "questions (--drop_test_images true removes them)")
     return kept, note
 
 

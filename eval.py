@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 eval.py --checkpoints runs/ct/final,runs/mri/final,... \
         --split_files "splits/CT(Computed Tomography)_test.json,..." --data /data/OmniMedVQA
 
-A test set is any file sources.load_file reads (Med-R1's split files, our
+A test set is any file data.load_file reads (Med-R1's split files, our
 JSONL, the benchmarks' own files), or the held-out side of --data. One
 checkpoint gives a row of accuracies, one column per test set, their
 unweighted mean (the paper's "average accuracy") and the accuracy pooled over
@@ -232,9 +232,9 @@ def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
     sets = {}
     if cfg.split_files:
         errors = [] if cfg.skip_bad_records else None
-        for column, files in sources.read_spec(cfg.split_files).items():
+        for column, files in data.read_spec(cfg.split_files).items():
             samples = [s for path in files
-                       for s in sources.load_file(path, root, cfg.cache_dir, errors)]
+                       for s in data.load_file(path, root, cfg.cache_dir, errors)]
             sets[column] = data.check_images(samples, errors)
         if errors:
             print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")

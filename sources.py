@@ -1,23 +1,17 @@
-"""Readers of the files datasets ship as, each giving samples in one form: a dict with
-    id, images (paths), question, options (letter -> text; empty unless multiple choice),
-    answer (the gold letter, or the gold text), answer_type (choice, closed or open),
-    modality, question_type.
+"""Readers of the paper's files, each giving samples in one form: a dict with
+    id, images (paths), question, options (letter -> text; empty unless
+    multiple choice), answer (the gold letter, or the gold text), answer_type
+    (choice, closed or open), modality, question_type.
 
-Readers: OmniMedVQA as distributed (`load_omnimedvqa`), Med-R1's released split
-files (`load_medr1_split`), our own JSONL records (`load_jsonl`, format in the
-README), the benchmarks' Hugging Face parquet files (`load_parquet`), SLAKE's
-own JSON (`load_slake`) and PMC-VQA's own CSV (`load_pmc_vqa_csv`); `load_file`
-picks one by the file. Every bad record
-raises DataError naming its file and record, or, given an errors list
-(--skip_bad_records), is recorded there and skipped.
+Readers: OmniMedVQA as distributed (`load_omnimedvqa`), Med-R1's released
+split files (`load_medr1_split`) and our own JSONL records (`load_jsonl`,
+format in the README). The other benchmarks' files are read in benchmarks.py
+with the checks here (`free_sample`); data.load_file picks a reader by the
+file. Every bad record raises DataError naming its file and record, or, given
+an errors list (--skip_bad_records), is recorded there and skipped.
 """
 
-import ast
-import csv
-import glob
-import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -144,9 +138,10 @@ def record_to_sample(record: dict, source: str, root: Path) -> dict:
     }
 
 
-def load_omnimedvqa(root, modalities=None, question_types=None, errors: list | None = None) -> list:
-    """Every `QA_information/Open-access/*.json` record under root, of the given modalities and
-    question types (None: all).
+def load_omnimedvqa(root, modalities=None, question_types=None,
+                    errors: list | None = None) -> list:
+    """Every `QA_information/Open-access/*.json` record under root, of the given
+    modalities and question types (None: all).
 
     A bad record raises DataError; when an errors list is given, its message is
     appended there instead and the record skipped (--skip_bad_records).
@@ -295,11 +290,6 @@ def free_sample(where: str, sample_id: str, images: list[str], question: str, an
             "question_type": question_type}
 
 
-def text_of(value):
-    """A number as text (benchmarks store some answers as numbers); anything else as it is."""
-    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-
-
 # ---------------------------------------------------------------- our own records (JSONL)
 
 JSONL_FIELDS = {"id", "images", "image", "question", "answer", "options", "answer_type",
@@ -342,220 +332,3 @@ def jsonl_sample(line: str, where: str, default_id: str, folder: Path) -> dict:
                        record["question"], record["answer"], record.get("options"),
                        record.get("answer_type"), record.get("modality", ""),
                        record.get("question_type", ""))
-
-
-# ---------------------------------------------------------------- the benchmarks' own files
-
-# The benchmarks' parquet files on the Hugging Face hub name a question's parts differently;
-# column names are compared lower-cased without spaces and underscores. VQA-RAD, PathVQA and
-# SLAKE's English mirror: image, question, answer. PMC-VQA's: also choice a-d and answer label
-# ("A:Liver" choices). MMMU: image_1 to image_7, options (a Python list as text), answer (a
-# letter, or text when question_type is "open"), subfield. MedVLThinker's: images (a list),
-# options, answer_label. SLAKE's: also answer_type (OPEN / CLOSED) and q_lang. PMC-VQA's own
-# CSV files: Figure_path, Question, Answer, Choice A-D, Answer_label.
-IMAGE_COLUMNS = ["image", "images"] + [f"image{n}" for n in range(1, 8)]
-CHOICE_COLUMNS = {"choicea": "A", "choiceb": "B", "choicec": "C", "choiced": "D"}
-
-
-def column_key(name: str) -> str:
-    """A column's name as compared: "Answer_label" and "answer label" are both "answerlabel"."""
-    return re.sub(r"[\s_]", "", name.lower())
-
-
-def load_parquet(path: Path, image_folder: Path, errors: list | None = None) -> list[dict]:
-    """A benchmark's parquet file as samples, its English questions where it has a q_lang column;
-    each image's bytes are written once to image_folder (named by their hash), so the rest of
-    the pipeline reads paths."""
-    try:
-        import pyarrow.parquet
-    except ImportError as error:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from error
-    try:
-        table = pyarrow.parquet.ParquetFile(path)
-    except Exception as error:
-        raise DataError(f"{path}: not a readable parquet file ({error})") from error
-    columns = {column_key(c) for c in table.schema_arrow.names}
-    if not (columns & set(IMAGE_COLUMNS) and "question" in columns
-            and columns & {"answer", "answerlabel"}):
-        raise DataError(f"{path}: needs an image column (image, images or image_1...), question "
-                        f"and answer; it has {table.schema_arrow.names}")
-    image_folder.mkdir(parents=True, exist_ok=True)
-    samples, row = [], 0
-    # A few hundred rows at a time: a benchmark's file holds every image's bytes.
-    for batch in table.iter_batches(batch_size=256):
-        for raw in batch.to_pylist():
-            record = {column_key(k): v for k, v in raw.items()}
-            if record.get("qlang", "en") == "en":
-                where = f"{path}, row {row}"
-                kept(samples, lambda: benchmark_sample(record, where, f"{path.name}#{row}",
-                                                       parquet_images(record, image_folder, where)),
-                     errors)
-            row += 1
-    return samples
-
-
-def parquet_images(record: dict, folder: Path, where: str) -> list[str]:
-    """A parquet row's images, in column order, written to folder."""
-    cells = [cell for column in IMAGE_COLUMNS if record.get(column) is not None
-             for cell in (record[column] if isinstance(record[column], list) else [record[column]])
-             if cell is not None]
-    return [write_image(cell, folder, where) for cell in cells]
-
-
-def load_pmc_vqa_csv(path: Path, errors: list | None = None) -> list[dict]:
-    """PMC-VQA as its authors ship it: train.csv, test.csv or test_clean.csv beside images/ (from
-    images.zip), whose Figure_path names the image."""
-    samples = []
-    for row, raw in enumerate(csv.DictReader(read_text(path).splitlines())):
-        record = {column_key(k): v for k, v in raw.items() if k is not None}
-        where = f"{path}, row {row}"
-        kept(samples, lambda: benchmark_sample(record, where, f"{path.name}#{row}", [inside(
-            path.parent / "images", record.get("figurepath") or "", where, "Figure_path")]),
-            errors)
-    if not samples and errors is None:
-        raise DataError(f"{path}: no rows")
-    return samples
-
-
-def benchmark_sample(record: dict, where: str, default_id: str, images: list[str]) -> dict:
-    """One row of a benchmark's file (column names as column_key makes them), with its images."""
-    options = benchmark_options(record, where)
-    answer = text_of((options and record.get("answerlabel")) or record.get("answer"))
-    sample_id = next((record[k] for k in ("id", "qid") if record.get(k) is not None), default_id)
-    return free_sample(where, str(sample_id), images, record.get("question"), answer, options,
-                       benchmark_answer_type(record), record.get("modality") or "",
-                       record.get("subfield") or "")
-
-
-def benchmark_options(record: dict, where: str) -> dict | list | None:
-    """The options of a multiple-choice row (MMMU's `options`, PMC-VQA's choices), or None."""
-    if any(record.get(column) is not None for column in CHOICE_COLUMNS):
-        choices = {letter: record.get(column) for column, letter in CHOICE_COLUMNS.items()}
-        choices = {letter: text for letter, text in choices.items() if text not in (None, "")}
-        check_text(where, {f"choice {letter}": text for letter, text in choices.items()})
-        # PMC-VQA writes each choice with its label: "A:Liver", " B: Spleen".
-        return {letter: re.sub(rf"^\s*{letter}\s*:\s*", "", text)
-                for letter, text in choices.items()}
-    options = record.get("options")
-    if isinstance(options, str):
-        try:
-            options = ast.literal_eval(options)
-        except (ValueError, SyntaxError) as error:
-            raise DataError(f"{where}: options {options!r} is not a list") from error
-    return options or None
-
-
-def benchmark_answer_type(record: dict) -> str | None:
-    """SLAKE's answer_type or MMMU's question_type, or None to infer it (answer_type_of)."""
-    if record.get("questiontype") in ("multiple-choice", "open"):
-        return "choice" if record["questiontype"] == "multiple-choice" else "open"
-    kind = str(record.get("answertype") or "").lower()
-    return kind if kind in ("open", "closed") else None
-
-
-def write_image(cell, folder: Path, where: str) -> str:
-    """An image cell ({bytes, path}, as the datasets library writes them) as a file in folder."""
-    if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
-        raise DataError(f"{where}: an image cell holds no image bytes: {str(cell)[:80]}")
-    digest = hashlib.sha1(cell["bytes"]).hexdigest()
-    path = folder / (digest + Path(cell.get("path") or "").suffix.lower())
-    if not path.exists():
-        # Written whole, then renamed: a reader (another rank) never sees half a file.
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_bytes(cell["bytes"])
-        os.replace(partial, path)
-    return str(path)
-
-
-def load_slake(path: Path, errors: list | None = None) -> list[dict]:
-    """SLAKE as its authors ship it (train.json, validation.json, test.json beside imgs/): the
-    English questions (q_lang "en"), as the papers report; answer_type OPEN or CLOSED."""
-    records = read_records(path)
-    if records and "img_name" not in records[0]:
-        raise DataError(f"{path}: not SLAKE's (its records have no img_name), nor by its name a "
-                        "Med-R1 split file (<modality type or question type>_test.json)")
-    samples = []
-    for index, record in enumerate(records):
-        if record.get("q_lang") == "en":
-            kept(samples, lambda: slake_sample(record, f"{path}, record {index}", path.parent),
-                 errors)
-    if not samples and errors is None:
-        raise DataError(f"{path}: no English (q_lang en) questions")
-    return samples
-
-
-def slake_sample(record: dict, where: str, folder: Path) -> dict:
-    """One record of SLAKE's JSON; its image is imgs/<img_name> beside the file."""
-    missing = [k for k in ("qid", "img_name", "question", "answer", "answer_type")
-               if k not in record]
-    if missing:
-        raise DataError(f"{where}: missing field(s) {missing}")
-    check_text(where, {"img_name": record["img_name"], "answer_type": record["answer_type"]})
-    return free_sample(where, str(record["qid"]),
-                       [inside(folder / "imgs", record["img_name"], where, "img_name")],
-                       record["question"], text_of(record["answer"]), None,
-                       record["answer_type"].lower(), record.get("modality", ""),
-                       record.get("content_type", ""))
-
-
-# ---------------------------------------------------------------- any file, and sets of files
-
-
-def read_spec(spec: str) -> dict[str, list[Path]]:
-    """Comma-separated `[name=]file[+file...]` entries -> name -> files, in order; a file may be
-    a glob pattern. Unnamed entries are named by default_name."""
-    sets = {}
-    for entry in filter(None, spec.split(",")):
-        name, _, files = entry.rpartition("=")
-        paths = []
-        for pattern in files.split("+"):
-            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-            if not matches:
-                raise DataError(f"{pattern}: no file matches")
-            paths += map(Path, matches)
-        name = name or default_name(paths[0])
-        if name in sets:
-            raise DataError(f"{entry}: a second set named {name!r}: name each set (name=file)")
-        sets[name] = paths
-    return sets
-
-
-def default_name(path: Path) -> str:
-    """A set's name from its first file: a Med-R1 split file's modality or question type, else
-    the file's stem, or the dataset's folder (the one above data/) where the stem only names a
-    split (test.json, test-00000-of-00001.parquet)."""
-    if re.fullmatch(r"(train|test|validation|val|dev)([-_.].*)?", path.stem):
-        return next((p.name for p in path.resolve().parents if p.name not in ("data", "")),
-                    path.stem)
-    name = path.stem.rsplit("_", 1)[0]
-    return MODALITY_BY_TYPE.get(name, name) if path.suffix == ".json" else path.stem
-
-
-def file_kind(path: Path) -> str:
-    """Which reader takes a file: by its suffix, and a .json file by its name (Med-R1's split
-    files are named after a modality or question type; any other is read as SLAKE's)."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".json":
-        return "medr1" if medr1_split_name(path) else "slake"
-    if path.suffix in (".jsonl", ".parquet", ".csv"):
-        return path.suffix[1:]
-    raise DataError(f"{path}: not a file this project reads (.json: Med-R1 split or SLAKE, "
-                    ".jsonl: our records, .parquet: a benchmark as the Hugging Face hub ships it, "
-                    ".csv: PMC-VQA)")
-
-
-def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[dict]:
-    """The samples of one file (file_kind): a Med-R1 split file's images are under image_root, a
-    parquet file's are written to cache_dir/images."""
-    path = Path(path)
-    kind = file_kind(path)
-    if kind == "medr1":
-        return load_medr1_split(path, image_root, errors)
-    if kind == "slake":
-        return load_slake(path, errors)
-    if kind == "jsonl":
-        return load_jsonl(path, errors)
-    if kind == "csv":
-        return load_pmc_vqa_csv(path, errors)
-    return load_parquet(path, (Path(cache_dir) / "images").resolve(), errors)

@@ -43,7 +43,7 @@ def test_jsonl_records_of_every_answer_type_with_one_or_several_images(tmp_path)
     ]
     path = tmp_path / "mine.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    samples = sources.load_file(path, None, tmp_path / "cache")
+    samples = data.load_file(path, None, tmp_path / "cache")
     image = str((tmp_path / "img").resolve()) + "/"
     assert samples == [
         {"id": "q1", "images": [image + "a.png"], "question": "Which modality?",
@@ -89,9 +89,9 @@ def test_a_bad_jsonl_record_is_named_by_its_file_and_line(tmp_path, line, messag
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(GOOD) + "\n" + line.replace("line 1", "") + "\n")
     with pytest.raises(data.DataError, match=f"bad.jsonl, line 2.*{message.replace('line 1: ', '')}"):
-        sources.load_file(path, None, tmp_path)
+        data.load_file(path, None, tmp_path)
     errors = []
-    assert len(sources.load_file(path, None, tmp_path, errors)) == 1 and len(errors) == 1
+    assert len(data.load_file(path, None, tmp_path, errors)) == 1 and len(errors) == 1
 
 
 def test_vqa_rad_parquet_as_shipped_gives_closed_and_open_questions(tmp_path):
@@ -102,9 +102,9 @@ def test_vqa_rad_parquet_as_shipped_gives_closed_and_open_questions(tmp_path):
         {"image": {"bytes": images[1], "path": "x.png"}, "question": "where is the mass?", "answer": "left lung"},
         {"image": {"bytes": images[0], "path": None}, "question": "is it normal?", "answer": "no"},
     ])
-    spec = sources.read_spec(str(tmp_path / "vqa-rad" / "data" / "test-*.parquet"))
+    spec = data.read_spec(str(tmp_path / "vqa-rad" / "data" / "test-*.parquet"))
     assert list(spec) == ["vqa-rad"]
-    samples = sources.load_file(spec["vqa-rad"][0], None, tmp_path / "cache")
+    samples = data.load_file(spec["vqa-rad"][0], None, tmp_path / "cache")
     assert [(s["answer_type"], s["answer"], s["options"]) for s in samples] == [
         ("closed", "Yes", {}), ("open", "left lung", {}), ("closed", "no", {})]
     assert samples[0]["images"] == samples[2]["images"]  # the same bytes are written once
@@ -122,7 +122,7 @@ def test_pmc_vqa_parquet_choices_lose_their_labels(tmp_path):
         {"image": {"bytes": png(), "path": "PMC1.jpg"}, "question": "What is shown?", "answer": "Liver",
          "choice a": "A:Spleen", "choice b": " B: Liver", "choice c": "C:Kidney", "choice d": "D:Heart",
          "answer label": "B"}])
-    [sample] = sources.load_file(path, None, tmp_path / "cache")
+    [sample] = data.load_file(path, None, tmp_path / "cache")
     assert sample["options"] == {"A": "Spleen", "B": "Liver", "C": "Kidney", "D": "Heart"}
     assert (sample["answer"], sample["answer_type"]) == ("B", "choice")
     assert sample["images"][0].endswith(".jpg")
@@ -137,14 +137,14 @@ def test_pmc_vqa_csv_as_its_authors_ship_it(tmp_path):
         'PMC1_F2.jpg,"What does the arrow show, in red?",Cyst, A:Tumour, B:Cyst, C:Abscess, D:Normal,B\n'
         "PMC1_F2.jpg,Which stain?,H&E,A:H&E,B:PAS,,,E\n")
     errors = []
-    [sample] = sources.load_file(tmp_path / "test_clean.csv", None, tmp_path, errors)
+    [sample] = data.load_file(tmp_path / "test_clean.csv", None, tmp_path, errors)
     assert sample == {"id": "test_clean.csv#0", "images": [str(tmp_path / "images" / "PMC1_F2.jpg")],
                       "question": "What does the arrow show, in red?",
                       "options": {"A": "Tumour", "B": "Cyst", "C": "Abscess", "D": "Normal"}, "answer": "B",
                       "answer_type": "choice", "modality": "", "question_type": ""}
     assert errors == [f"{tmp_path / 'test_clean.csv'}, row 1: answer 'E' must be the letter of one of at least 2 "
                       "options ['A', 'B']"]
-    assert sources.default_name(tmp_path / "test_clean.csv") == tmp_path.name
+    assert data.default_name(tmp_path / "test_clean.csv") == tmp_path.name
 
 
 def test_bad_benchmark_rows_are_named_and_skipped_with_an_errors_list(tmp_path):
@@ -160,9 +160,9 @@ def test_bad_benchmark_rows_are_named_and_skipped_with_an_errors_list(tmp_path):
              "choice c": None, "answer label": "A", "q_lang": "zh", "qid": 3}]
     path = write_parquet(tmp_path / "t.parquet", rows)
     with pytest.raises(data.DataError, match="t.parquet, row 0: options must be .* the keys A, B, ... in order"):
-        sources.load_file(path, None, tmp_path)
+        data.load_file(path, None, tmp_path)
     errors = []
-    [sample] = sources.load_file(path, None, tmp_path, errors)  # row 3 is not English: left out
+    [sample] = data.load_file(path, None, tmp_path, errors)  # row 3 is not English: left out
     assert (sample["id"], sample["options"], sample["answer"]) == ("1", {"A": "x", "B": "y"}, "B")
     assert [e.split(": ")[0] for e in errors] == [f"{path}, row 0", f"{path}, row 2"]
     assert "question must be a string, not NoneType" in errors[1]
@@ -181,8 +181,8 @@ def test_mmmu_parquet_questions_keep_all_their_images_in_order(tmp_path):
          "image_1": {"bytes": third, "path": None}, "image_3": {"bytes": first, "path": None},
          "answer": "3", "question_type": "open", "subfield": "Heart"},
     ])
-    assert sources.default_name(path) == "Clinical_Medicine"
-    choice, open_ = sources.load_file(path, None, tmp_path / "cache")
+    assert data.default_name(path) == "Clinical_Medicine"
+    choice, open_ = data.load_file(path, None, tmp_path / "cache")
     assert choice["options"] == {"A": "Cyst", "B": "Abscess", "C": "Tumour"}
     assert (choice["answer"], choice["answer_type"], choice["question_type"]) == ("C", "choice", "Pathology")
     assert [Path(p).read_bytes() for p in choice["images"]] == [first, second]
@@ -203,33 +203,33 @@ def test_slake_as_its_authors_ship_it_keeps_the_english_questions(tmp_path):
          "q_lang": "en", "answer_type": "CLOSED"},
         {**record, "qid": 4, "question": "Where is the abnormality?", "answer": "Left Lung, Right",
          "q_lang": "en", "answer_type": "OPEN"}]))
-    samples = sources.load_file(tmp_path / "test.json", None, tmp_path / "cache")
+    samples = data.load_file(tmp_path / "test.json", None, tmp_path / "cache")
     with pytest.raises(data.DataError, match="only Med-R1's split files are tested on the rest of --data"):
         data.load_splits(tmp_path, [], [], train_split=str(tmp_path / "test.json"))
     assert [(s["id"], s["answer_type"], s["answer"]) for s in samples] == [
         ("1", "closed", "No"), ("3", "closed", "Liver"), ("4", "open", "Left Lung, Right")]
     assert samples[0]["images"] == [str(tmp_path / "imgs" / "xmlab0" / "source.jpg")]
     assert samples[0]["modality"] == "CT"
-    assert sources.default_name(tmp_path / "test.json") == tmp_path.name
+    assert data.default_name(tmp_path / "test.json") == tmp_path.name
     (tmp_path / "CT_test.json").write_text(json.dumps([{"image": "a.png", "problem": "Q? A)x, B)y",
                                                         "solution": "<answer> A </answer>"}]))
     with pytest.raises(data.DataError, match="CT_test.json: not SLAKE's .*, nor by its name a Med-R1 split file"):
-        sources.load_file(tmp_path / "CT_test.json", tmp_path, tmp_path)
+        data.load_file(tmp_path / "CT_test.json", tmp_path, tmp_path)
 
 
 def test_spec_names_sets_joins_files_and_expands_patterns(tmp_path):
     for name in ("a.jsonl", "b.jsonl", "c-1.jsonl", "c-2.jsonl"):
         (tmp_path / name).write_text("")
-    spec = sources.read_spec(f"{tmp_path}/a.jsonl,both={tmp_path}/a.jsonl+{tmp_path}/b.jsonl,c={tmp_path}/c-*.jsonl")
+    spec = data.read_spec(f"{tmp_path}/a.jsonl,both={tmp_path}/a.jsonl+{tmp_path}/b.jsonl,c={tmp_path}/c-*.jsonl")
     assert spec == {"a": [tmp_path / "a.jsonl"], "both": [tmp_path / "a.jsonl", tmp_path / "b.jsonl"],
                     "c": [tmp_path / "c-1.jsonl", tmp_path / "c-2.jsonl"]}
     with pytest.raises(data.DataError, match="no file matches"):
-        sources.read_spec(f"{tmp_path}/d-*.jsonl")
+        data.read_spec(f"{tmp_path}/d-*.jsonl")
     with pytest.raises(data.DataError, match="a second set named 'a'"):
-        sources.read_spec(f"{tmp_path}/a.jsonl,a={tmp_path}/b.jsonl")
+        data.read_spec(f"{tmp_path}/a.jsonl,a={tmp_path}/b.jsonl")
     (tmp_path / "x.txt").write_text("")
     with pytest.raises(data.DataError, match="not a file this project reads"):
-        sources.load_file(tmp_path / "x.txt", None, tmp_path)
+        data.load_file(tmp_path / "x.txt", None, tmp_path)
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
@@ -237,17 +237,17 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
                                                    "answer": "yes"}])
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(data.DataError, match=r"t.parquet: reading parquet needs pyarrow \(pip install pyarrow\)"):
-        sources.load_file(path, None, tmp_path)
+        data.load_file(path, None, tmp_path)
 
 
 def test_parquet_without_the_columns_of_a_question_is_named(tmp_path):
     path = write_parquet(tmp_path / "t.parquet", [{"picture": b"x", "question": "Q?", "answer": "yes"}])
     with pytest.raises(data.DataError, match="t.parquet: needs an image column"):
-        sources.load_file(path, None, tmp_path)
+        data.load_file(path, None, tmp_path)
     path = write_parquet(tmp_path / "u.parquet", [{"image": {"bytes": None, "path": "x.png"}, "question": "Q?",
                                                    "answer": "yes"}])
     with pytest.raises(data.DataError, match="u.parquet, row 0: an image cell holds no image bytes"):
-        sources.load_file(path, None, tmp_path)
+        data.load_file(path, None, tmp_path)
 
 
 def benchmark_files(root: Path, dataset_root) -> dict:
