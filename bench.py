@@ -42,6 +42,7 @@ import data
 import inputs
 import model as modellib
 import rewards
+import sampler
 import sources
 import tiny
 import train
@@ -136,7 +137,7 @@ def ours(cfg: BenchConfig) -> dict:
     optimizer = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     # No end token: every completion runs to completion_tokens, as on TRL's side.
-    decoding = modellib.Decoding(cfg.completion_tokens)
+    decoding = sampler.Decoding(cfg.completion_tokens)
     generator = torch.Generator().manual_seed(0)
     times, prefills = [], []
     for step in range(cfg.warmup + cfg.steps):
@@ -149,8 +150,8 @@ def ours(cfg: BenchConfig) -> dict:
             times.append(time.perf_counter() - start)
             prompts = data.collate(batch, processor, "think-after", cfg.image_size).to(device)
             start = time.perf_counter()
-            modellib.sample(policy, prompts, cfg.generations, modellib.Decoding(1),
-                            generator=generator, decoder=cfg.decoders)
+            sampler.sample(policy, prompts, cfg.generations, sampler.Decoding(1),
+                           generator=generator, decoder=cfg.decoders)
             synchronize(device)
             prefills.append(time.perf_counter() - start)
     return {"step_s": statistics.median(times), "prefill_s": statistics.median(prefills)}
@@ -184,8 +185,8 @@ def decode_speed(cfg: BenchConfig) -> dict:
             def seconds(tokens):
                 synchronize(device)
                 start = time.perf_counter()
-                modellib.sample(policy, prompts, G, modellib.Decoding(tokens),
-                                generator=torch.Generator().manual_seed(0), decoder=decoder)
+                sampler.sample(policy, prompts, G, sampler.Decoding(tokens),
+                               generator=torch.Generator().manual_seed(0), decoder=decoder)
                 synchronize(device)
                 return time.perf_counter() - start
             seconds(T)  # warm-up: compiles, on the graph decoder
@@ -208,8 +209,8 @@ def decode_rows(cfg: BenchConfig) -> list[int]:
 def logprob_gap(policy, prompts, G: int, T: int, decoder: str) -> dict:
     """How far the sampler's log-probs are from a no-grad training forward on the same tokens:
     the largest difference, and the share of tokens whose ratio it alone would clip (eps 0.2)."""
-    rollout = modellib.sample(policy, prompts, G, modellib.Decoding(T),
-                              generator=torch.Generator().manual_seed(0), decoder=decoder)
+    rollout = sampler.sample(policy, prompts, G, sampler.Decoding(T),
+                             generator=torch.Generator().manual_seed(0), decoder=decoder)
     with torch.no_grad():
         forward = modellib.token_logprobs(policy, prompts, rollout.completion_ids,
                                           rollout.completion_mask, group_size=G)  # (N, T)
@@ -321,8 +322,8 @@ def main():
         print("RESULT " + json.dumps(result))
         return
     decoders = cfg.decoders.split(",")
-    if not set(decoders) <= set(modellib.DECODERS):
-        raise SystemExit(f"--decoders {cfg.decoders}: each must be one of {modellib.DECODERS}")
+    if not set(decoders) <= set(sampler.DECODERS):
+        raise SystemExit(f"--decoders {cfg.decoders}: each must be one of {sampler.DECODERS}")
     if cfg.decode_rows:
         decode_rows(cfg)
     completions = cfg.prompts * cfg.generations

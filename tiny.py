@@ -25,6 +25,7 @@ import data
 import inputs
 import model as modellib
 import rewards
+import sampler
 import sources
 from common import print0
 
@@ -165,7 +166,7 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.generation_config.eos_token_id = modellib.end_token_ids(model, processor.tokenizer)
+    model.generation_config.eos_token_id = sampler.end_token_ids(model, processor.tokenizer)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     tmp = new_build_folder(folder)
     model.save_pretrained(tmp)

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from transformers import StaticCache
 
+import decoders
 import model as modellib
+import sampler
 import test_model
 from test_model import SIZES, encode, repeat_prompts
 from test_train import SMALL, metrics, run
@@ -30,10 +32,10 @@ LENGTHS = 2 + torch.arange(3 * G) % 7
 
 def rollout(model, batch, decoder, **changes):
     """A sampled (temperature 1) rollout of G rows per prompt, rows ending at LENGTHS."""
-    decoding = modellib.Decoding(10, **changes)
-    return modellib.sample(model, batch, G, decoding, generator=torch.Generator().manual_seed(0),
-                           stop=lambda tokens: LENGTHS.to(tokens.device) <= tokens.shape[1],
-                           decoder=decoder)
+    decoding = sampler.Decoding(10, **changes)
+    return sampler.sample(model, batch, G, decoding, generator=torch.Generator().manual_seed(0),
+                          stop=lambda tokens: LENGTHS.to(tokens.device) <= tokens.shape[1],
+                          decoder=decoder)
 
 
 def assert_same_rollout(ours, dynamic):
@@ -104,7 +106,7 @@ def test_one_token_attention_is_attention_over_repeated_key_value_heads():
     mask[..., 0] = True  # every row attends somewhere
     groups = heads // kv_heads
     module = SimpleNamespace(num_key_value_groups=groups)
-    ours, _ = modellib.one_token_attention(module, query, key, value, mask, scaling=0.3)
+    ours, _ = decoders.one_token_attention(module, query, key, value, mask, scaling=0.3)
     expected = torch.nn.functional.scaled_dot_product_attention(
         query, key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1),
         attn_mask=mask, scale=0.3)  # (n, heads, 1, d)
@@ -119,8 +121,8 @@ def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_sample
     batch = encode(processor, mixed_samples, SIZES["different"]).to("cuda")
     dynamic = rollout(model, batch, "dynamic")
     recorded = []
-    record = modellib.DecodeBatch.record
-    monkeypatch.setattr(modellib.DecodeBatch, "record",
+    record = decoders.StaticBatch.record
+    monkeypatch.setattr(decoders.StaticBatch, "record",
                         lambda self: recorded.append(len(self.tokens)) or record(self))
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -136,12 +138,12 @@ def test_an_unknown_decoder_and_the_graph_decoder_on_sliding_window_layers_are_r
     model, _ = tiny
     mask = torch.ones(2, 5, dtype=torch.long)  # (B, P)
     with pytest.raises(ValueError, match="'fast': one of"):
-        modellib.DecodeBatch(model, None, mask, "fast", 10)
-    modellib.DecodeBatch(model, None, mask, "graph", 10)
+        sampler.decode_batch(model, None, mask, "fast", 10)
+    sampler.decode_batch(model, None, mask, "graph", 10)
     text = model.config.get_text_config()
     text.layer_types = ["sliding_attention"] * text.num_hidden_layers
     with pytest.raises(ValueError, match="does not run sliding-window layers"):
-        modellib.DecodeBatch(model, None, mask, "graph", 10)
+        sampler.decode_batch(model, None, mask, "graph", 10)
 
 
 def test_fsdp_hooks_come_back_when_sampling_fails(tiny, mixed_samples, single_process_group):

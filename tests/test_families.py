@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 import data
 import inputs
 import model as modellib
+import sampler
 import sources
 import train
 from test_train import SMALL, metrics, run
@@ -344,7 +345,7 @@ def test_folder_laid_out_like_the_published_one_loads(tiny, dataset_root, tmp_pa
     assert type(loaded) is type(model)
     assert loaded_processor.tokenizer.chat_template == CHAT_TEMPLATE
     assert loaded_processor.image_processor.patch_size == FAMILIES[name].preprocessor["patch_size"]
-    assert modellib.end_token_ids(loaded, loaded_processor.tokenizer) == sorted(
+    assert sampler.end_token_ids(loaded, loaded_processor.tokenizer) == sorted(
         loaded_processor.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]))
     samples = sources.load_omnimedvqa(dataset_root)[:3]
     batch = data.collate(samples, loaded_processor, "think-after")

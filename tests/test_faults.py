@@ -19,6 +19,7 @@ import data
 import inputs
 import model as modellib
 import rewards
+import sampler
 import sources
 import train
 from conftest import REPO
@@ -180,11 +181,11 @@ def test_a_model_with_nan_weights_stops_sampling_with_a_clear_error(tiny, modali
     prompts = data.collate(modality_split[0][:2], processor, "think-after")
     for temperature in (1.0, 0.0):
         with pytest.raises(FloatingPointError, match="NaN or infinite at completion token 0"):
-            modellib.sample(model, prompts, 2, modellib.Decoding(4, temperature),
-                            generator=torch.Generator().manual_seed(0))
+            sampler.sample(model, prompts, 2, sampler.Decoding(4, temperature),
+                           generator=torch.Generator().manual_seed(0))
     with pytest.raises(SystemExit, match="step 7: the model's logits are NaN"):
         with common.named_step(7):
-            modellib.sample(model, prompts, 2, modellib.Decoding(4), generator=torch.Generator())
+            sampler.sample(model, prompts, 2, sampler.Decoding(4), generator=torch.Generator())
 
 
 def test_a_second_run_in_a_folder_stops_unless_it_resumes_or_overwrites(tiny_path, tmp_path):

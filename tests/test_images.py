@@ -8,6 +8,7 @@ from transformers import Qwen2VLForConditionalGeneration
 import data
 import inputs
 import model as modellib
+import sampler
 import sources
 from test_families import random_model, toy_processor
 from tiny import tiny_config
@@ -78,8 +79,8 @@ def test_greedy_sampling_equals_generate_on_each_prompt_alone(model_and_processo
     model, processor = model_and_processor
     batch = data.collate(samples, processor, "think-after")
     assert (batch.attention_mask == 0).any(), "the prompts must differ in length to test padding"
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    ours = modellib.sample(model, batch, G, modellib.Decoding(10, temperature=0.0, end_ids=end_ids))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    ours = sampler.sample(model, batch, G, sampler.Decoding(10, temperature=0.0, end_ids=end_ids))
     for row in range(len(samples) * G):
         alone = one_row(batch, row // G, [])
         theirs = model.generate(**alone.model_inputs(), max_new_tokens=10, do_sample=False,
@@ -93,9 +94,9 @@ def test_shared_prompt_logprobs_and_gradients_equal_each_row_run_alone(model_and
     with its own prompt and images, as Hugging Face computes positions for it."""
     model, processor = model_and_processor
     batch = data.collate(samples, processor, "think-after")
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, G, modellib.Decoding(8, end_ids=end_ids),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, batch, G, sampler.Decoding(8, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
     mask = rollout.completion_mask
     shared = modellib.token_logprobs(model, batch, rollout.completion_ids, mask, group_size=G)
     shared[mask.bool()].sum().backward()

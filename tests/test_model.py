@@ -12,6 +12,7 @@ import checkpoint
 import data
 import inputs
 import model as modellib
+import sampler
 import sources
 from test_families import random_model, toy_processor
 from tiny import CHAT_TEMPLATE, tiny_config
@@ -62,8 +63,8 @@ def test_greedy_sampler_equals_generate(any_model, mixed_samples):
     model, processor = any_model
     batch = encode(processor, mixed_samples, SIZES["different"])
     assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    ours = modellib.sample(model, batch, 1, modellib.Decoding(12, temperature=0.0, end_ids=end_ids))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    ours = sampler.sample(model, batch, 1, sampler.Decoding(12, temperature=0.0, end_ids=end_ids))
     theirs = model.generate(**batch.model_inputs(), max_new_tokens=12, do_sample=False, eos_token_id=end_ids,
                             pad_token_id=end_ids[0])[:, batch.input_ids.shape[1]:]
     for row in range(len(mixed_samples)):
@@ -76,10 +77,10 @@ def test_greedy_sampler_equals_generate(any_model, mixed_samples):
 def test_sampled_logprobs_equal_training_forward(any_model, mixed_samples, temperature):
     model, processor = any_model
     batch = encode(processor, mixed_samples, SIZES["different"])
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
-    rollout = modellib.sample(model, batch, 3, modellib.Decoding(16, temperature, end_ids=end_ids, banned_ids=banned),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    banned = processor.tokenizer.convert_tokens_to_ids(sampler.VISION_TOKENS)
+    rollout = sampler.sample(model, batch, 3, sampler.Decoding(16, temperature, end_ids=end_ids, banned_ids=banned),
+                             generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logprobs = modellib.token_logprobs(model, repeat_prompts(batch, 3), rollout.completion_ids,
                                            rollout.completion_mask, temperature)
@@ -107,7 +108,7 @@ def test_repeated_rows_carry_their_own_prompts_image(tiny, mixed_samples, B, G, 
 
 def test_sampler_never_emits_vision_tokens(tiny, mixed_samples):
     model, processor = tiny
-    banned = processor.tokenizer.convert_tokens_to_ids(modellib.VISION_TOKENS)
+    banned = processor.tokenizer.convert_tokens_to_ids(sampler.VISION_TOKENS)
     head = model.lm_head
 
     class PreferVisionTokens(torch.nn.Module):
@@ -120,12 +121,12 @@ def test_sampler_never_emits_vision_tokens(tiny, mixed_samples):
 
     model.lm_head = PreferVisionTokens()
     batch = encode(processor, mixed_samples, SIZES["equal"] + [(56, 56)])
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    unbanned = modellib.sample(model, batch, 2, modellib.Decoding(4, end_ids=end_ids),
-                               generator=torch.Generator().manual_seed(0))
-    assert torch.isin(unbanned.completion_ids, torch.tensor(banned)).any()
-    rollout = modellib.sample(model, batch, 2, modellib.Decoding(4, end_ids=end_ids, banned_ids=banned),
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    unbanned = sampler.sample(model, batch, 2, sampler.Decoding(4, end_ids=end_ids),
                               generator=torch.Generator().manual_seed(0))
+    assert torch.isin(unbanned.completion_ids, torch.tensor(banned)).any()
+    rollout = sampler.sample(model, batch, 2, sampler.Decoding(4, end_ids=end_ids, banned_ids=banned),
+                             generator=torch.Generator().manual_seed(0))
     assert not torch.isin(rollout.completion_ids, torch.tensor(banned)).any()
 
 
@@ -142,10 +143,10 @@ def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, m
     batch_sizes = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)
-    ended = modellib.sample(model, batch, 4, modellib.Decoding(12), generator=torch.Generator().manual_seed(0),
-                            stop=lambda tokens: lengths <= tokens.shape[1])
+    ended = sampler.sample(model, batch, 4, sampler.Decoding(12), generator=torch.Generator().manual_seed(0),
+                           stop=lambda tokens: lengths <= tokens.shape[1])
     hook.remove()
-    never_ends = modellib.sample(model, batch, 4, modellib.Decoding(12), generator=torch.Generator().manual_seed(0))
+    never_ends = sampler.sample(model, batch, 4, sampler.Decoding(12), generator=torch.Generator().manual_seed(0))
 
     assert ended.completion_mask.sum(dim=1).tolist() == lengths.tolist()
     assert batch_sizes[:2] == [3, 12] and len(set(batch_sizes[1:])) >= 3  # prefill of 3 prompts, then 12 rows
@@ -157,7 +158,7 @@ def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, m
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    kept = modellib.top_p_filter(probs.log(), 0.8).isfinite()
+    kept = sampler.top_p_filter(probs.log(), 0.8).isfinite()
     # 0.5 < 0.8, 0.5 + 0.3 = 0.8 reaches it: the first two stay.
     assert kept.tolist() == [[True, True, False, False]]
 
@@ -166,9 +167,9 @@ def test_sampling_follows_the_model_distribution(tiny, mixed_samples):
     """Inverse-CDF sampling: the first token's empirical frequencies match the softmax."""
     model, processor = tiny
     batch = encode(processor, mixed_samples[:1], [(56, 56)])
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, 4000, modellib.Decoding(1, end_ids=end_ids),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, batch, 4000, sampler.Decoding(1, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         probs = model(**batch.model_inputs()).logits[0, -1].softmax(-1)
     counts = torch.bincount(rollout.completion_ids[:, 0], minlength=probs.numel()) / 4000
@@ -185,8 +186,8 @@ def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(ti
     with torch.no_grad():
         probs = model(**batch.model_inputs()).logits[0, -1].softmax(-1)
     assert probs.topk(3).values.sum() < 0.1  # without top-k, 9 draws in 10 would be other tokens
-    rollout = modellib.sample(model, batch, 4000, modellib.Decoding(1, top_k=3),
-                              generator=torch.Generator().manual_seed(0))
+    rollout = sampler.sample(model, batch, 4000, sampler.Decoding(1, top_k=3),
+                             generator=torch.Generator().manual_seed(0))
     top3 = probs.topk(3).indices
     drawn = rollout.completion_ids[:, 0]
     assert torch.isin(drawn, top3).all()
@@ -207,8 +208,8 @@ def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(ti
 def test_draw_token_by_inverse_cdf_with_the_full_distributions_logprob(uniform, banned, top_k, token):
     probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
     u = None if uniform is None else torch.tensor([uniform])
-    drawn, logprob, entropy = modellib.draw_token(probs.log(), u, 1.0, 1.0, top_k,
-                                                  torch.tensor(banned, dtype=torch.long))
+    drawn, logprob, entropy = sampler.draw_token(probs.log(), u, 1.0, 1.0, top_k,
+                                                 torch.tensor(banned, dtype=torch.long))
     assert drawn.tolist() == [token]
     # By hand: the log-prob and entropy of the whole distribution, whatever was filtered.
     assert logprob.item() == pytest.approx(torch.log(probs[0, token]).item(), abs=1e-6)
@@ -217,9 +218,9 @@ def test_draw_token_by_inverse_cdf_with_the_full_distributions_logprob(uniform, 
 
 def test_top_k_filter_keeps_the_k_largest_logits():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 5.0, 5.0, 1.0]])
-    assert modellib.top_k_filter(logits, 2).isfinite().tolist() == [[True, False, True, False],
-                                                                    [False, True, True, False]]
-    assert torch.equal(modellib.top_k_filter(logits, 0), logits)
+    assert sampler.top_k_filter(logits, 2).isfinite().tolist() == [[True, False, True, False],
+                                                                   [False, True, True, False]]
+    assert torch.equal(sampler.top_k_filter(logits, 0), logits)
 
 
 def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_samples, tmp_path):
@@ -269,9 +270,9 @@ def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_sampl
 def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mixed_samples, single_process_group):
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, 2, modellib.Decoding(8, end_ids=end_ids),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, batch, 2, sampler.Decoding(8, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
     expanded = repeat_prompts(batch, 2)
     with torch.no_grad():
         fp32 = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
@@ -307,9 +308,9 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
     model, processor = any_model
     oracle = copy.deepcopy(model)
     batch = encode(processor, mixed_samples, SIZES["different"])
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, batch, 3, modellib.Decoding(12, end_ids=end_ids),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, batch, 3, sampler.Decoding(12, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
     weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(1))
     mask = rollout.completion_mask
 

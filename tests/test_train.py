@@ -15,6 +15,7 @@ from conftest import REPO
 
 import common
 import model as modellib
+import sampler
 import train
 
 SMALL = ["--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "12", "--eval_every", "0",
@@ -166,9 +167,9 @@ def step_inputs(tiny, modality_split, single_process_group):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     samples = modality_split[0][:2]
     prompts = data.collate(samples, processor, "think-after")
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, prompts, 4, modellib.Decoding(12, end_ids=end_ids),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, prompts, 4, sampler.Decoding(12, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
     return model, optimizer, schedule, prompts, samples, rollout
 
@@ -421,9 +422,9 @@ def test_in_bf16_the_old_logprobs_of_several_updates_are_the_training_forwards(
     model, processor = tiny
     modellib.shard(model, bf16=True)
     prompts = data.collate(modality_split[0][:2], processor, "think-after")
-    end_ids = modellib.end_token_ids(model, processor.tokenizer)
-    rollout = modellib.sample(model, prompts, 4, modellib.Decoding(12, end_ids=end_ids),
-                              generator=torch.Generator().manual_seed(0))
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, prompts, 4, sampler.Decoding(12, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
     rollout.logprobs += 0.05 * rollout.completion_mask
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
