@@ -83,8 +83,7 @@ def save(model, processor, folder, extra: dict, optimizer=None, trainer_state=No
 # Flags that may change on a resume without changing what is trained (not --steps or --epochs:
 # they set the length of the learning-rate schedule).
 BOOKKEEPING = {"resume", "overwrite", "output_dir", "cache_dir", "eval_every", "eval_size",
-               "save_every", "keep_checkpoints", "rollouts_every", "max_skipped_steps",
-               "report_to"}
+               "save_every", "keep_checkpoints", "rollouts_every", "report_to"}
 
 
 def fingerprint(samples: list[dict]) -> str:
@@ -92,9 +91,11 @@ def fingerprint(samples: list[dict]) -> str:
     return hashlib.sha1("\n".join(s["id"] for s in samples).encode()).hexdigest()
 
 
-def load_trainer_state(model, optimizer, folder, reference, config: dict, samples: list) -> dict:
-    """Restore the optimizer (and the reference, if it was saved) from a checkpoint's
-    trainer_state.pt and return the rest of it. Collective.
+def resume(folder, model, optimizer, reference, schedule, rngs: dict, config: dict,
+           samples: list) -> tuple[list[int], int, float]:
+    """Restore a run from a step-N checkpoint's trainer_state.pt: the optimizer, the schedule,
+    the random generators (rngs: name -> generator) and the reference, if it was saved.
+    Returns the rest of the data order, the step and the base accuracy. Collective.
 
     It must have trained on the same samples; settings that changed since are
     listed. Only rank 0 reads the file; the optimizer's and reference's tensors
@@ -122,7 +123,15 @@ def load_trainer_state(model, optimizer, folder, reference, config: dict, sample
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
     if reference is not None and state["with_reference"]:
         set_model_state_dict(reference, reference_state or {}, options=options)
-    return state
+    schedule.load_state_dict(state["schedule"])
+    for name, rng in rngs.items():
+        rng.set_state(state[name])
+    if dist.get_rank() == 0:
+        world = dist.get_world_size()
+        print(f"resumed from {folder} at step {state['step']}" + (
+            "" if state["world"] == world else
+            f" (saved on {state['world']} ranks, now {world}: correct, but not bit-exact)"))
+    return state["order"].tolist(), state["step"], state["base_accuracy"]
 
 
 def step_checkpoints(out: Path) -> list[Path]:

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import inspect
 import json
+import math
 import os
 import re
 import typing
@@ -35,9 +36,14 @@ def parse_args(config_class, argv=None):
     for field, hint in typing.get_type_hints(config_class).items():
         default = getattr(config_class, field)
         # argparse formats help text with %.
-        help_text = comments.get(field, "").replace("%", "%%")
-        parser.add_argument(f"--{field}", type=boolean if hint is bool else hint, default=default,
-                            metavar=hint.__name__, help=f"{help_text} (default: {default!r})")
+        help_text = comments.get(field, "").replace("%", "%%") + f" (default: {default!r})"
+        if typing.get_origin(hint) is typing.Literal:
+            # A field typed Literal["a", "b"] takes one of those values; --help lists them.
+            parser.add_argument(f"--{field}", choices=typing.get_args(hint), default=default,
+                                help=help_text)
+            continue
+        parser.add_argument(f"--{field}", type=boolean if hint is bool else hint,
+                            default=default, metavar=hint.__name__, help=help_text)
     return config_class(**vars(parser.parse_args(argv)))
 
 
@@ -45,10 +51,6 @@ def parse_args(config_class, argv=None):
 AT_LEAST_0 = (lambda v: v >= 0, "at least 0")
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 ABOVE_0 = (lambda v: v > 0, "above 0")
-
-
-def one_of(*choices) -> tuple:
-    return (lambda v: v in choices, f"one of {list(choices)}")
 
 
 def names_in(known) -> tuple:
@@ -60,7 +62,12 @@ def names_in(known) -> tuple:
 
 
 def check_flags(cfg, limits: dict) -> None:
-    """Stop with a message naming the flag whose value breaks its rule (limits: field -> rule)."""
+    """Stop with a message naming the flag whose value breaks its rule: a Literal field's
+    values, or limits (field -> rule)."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        if typing.get_origin(hint) is typing.Literal:
+            limits = {name: (lambda v, allowed=typing.get_args(hint): v in allowed,
+                             f"one of {list(typing.get_args(hint))}"), **limits}
     for name, (test, allowed) in limits.items():
         if not test(getattr(cfg, name)):
             raise SystemExit(f"--{name} {getattr(cfg, name)!r}: must be {allowed}")
@@ -109,22 +116,34 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def reduce_over_ranks(values: dict, ops: dict | None = None) -> dict:
-    """A dict of floats reduced over ranks: the mean, or for the keys in ops "min" / "max"."""
-    ops = ops or {}
-    out = {}
-    for op in ("mean", "min", "max"):
-        keys = [k for k in values if ops.get(k, "mean") == op]
+def reduce_over_ranks(metrics: dict) -> dict:
+    """A step's metrics over every rank, one collective per kind, told apart by name.
+
+    x_min and x_max: the extreme over ranks (a rank with nothing to report sends
+    inf or -inf; an extreme that no rank has is left out). x_sum, a sum over
+    this rank's trained tokens: x, the mean per token over every rank's
+    "tokens". Anything else: the mean over ranks.
+    """
+    kinds = {key: key[-3:] if key.endswith(("_min", "_max")) else "sum" for key in metrics}
+    reduced = {}
+    for kind in ("sum", "min", "max"):
+        keys = [key for key in metrics if kinds[key] == kind]
         if not keys:
             continue
-        stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64,
-                               device=collective_device())
-        dist.all_reduce(stacked, op={"mean": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-                                     "max": dist.ReduceOp.MAX}[op])
-        if op == "mean":
-            stacked /= dist.get_world_size()
-        out.update(zip(keys, stacked.tolist()))
-    return {k: out[k] for k in values}
+        values = torch.tensor([metrics[key] for key in keys], dtype=torch.float64,
+                              device=collective_device())
+        dist.all_reduce(values, op=getattr(dist.ReduceOp, kind.upper()))
+        reduced.update(zip(keys, values.tolist()))
+    tokens = max(reduced.pop("tokens", 0.0), 1e-12)
+    logged = {}
+    for key, value in reduced.items():
+        if key.endswith("_sum"):
+            logged[key.removesuffix("_sum")] = value / tokens
+        elif kinds[key] == "sum":
+            logged[key] = value / dist.get_world_size()
+        elif math.isfinite(value):
+            logged[key] = value
+    return logged
 
 
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
@@ -162,12 +181,10 @@ class Log:
             self.wandb.log({"rollouts": table}, step=record["step"])
 
     def step(self, step: int, metrics: dict, step_s: float, lr: float, completions: int) -> dict:
-        """A step's metrics over all ranks (means; extremes by min and max; a collective), with
-        timings and lr. On rank 0 they go to metrics.jsonl and TensorBoard, a printed line, and
-        every tenth step a warning if the last ten look like a run that learns nothing."""
-        extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max",
-                    "completion_len_max": "max"}
-        logged = {"step": step, **reduce_over_ranks(metrics, extremes), "lr": lr, "step_s": step_s}
+        """A step's metrics over all ranks (reduce_over_ranks: a collective), with timings and
+        lr. On rank 0 they go to metrics.jsonl and TensorBoard, a printed line, and every
+        tenth step a warning if the last ten look like a run that learns nothing."""
+        logged = {"step": step, **reduce_over_ranks(metrics), "lr": lr, "step_s": step_s}
         if "rollout_s" in logged:
             logged["update_s"] = step_s - logged["rollout_s"]
             # Sampled completion tokens per second of rollout, all ranks.

@@ -23,13 +23,13 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
-    """base(x) + scale * lora_B(lora_A(dropout(x))); the adapter adds nothing while disabled.
+    """base(x) + scale * lora_B(lora_A(x)); the adapter adds nothing while disabled.
 
-    Dropout acts in the forwards that compute gradients (the loss), never in sampling
-    or in log-probs taken without gradients: the model stays in eval mode throughout.
+    No dropout: in GRPO it would make the policy that computes the ratio differ
+    from the one that sampled (PEFT's lora_dropout of an adapter read is ignored).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base = base
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
@@ -37,7 +37,6 @@ class LoRALinear(nn.Module):
         # PEFT's initialisation: A as nn.Linear's default, B zero.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = dropout
         self.scale = alpha / rank
         self.enabled = True
 
@@ -45,7 +44,6 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if not self.enabled:
             return out
-        x = nn.functional.dropout(x, self.dropout, training=torch.is_grad_enabled())
         return out + self.scale * self.lora_B(self.lora_A(x))
 
 
@@ -55,7 +53,7 @@ def target_pattern(targets: str) -> str:
     return rf"model\.language_model\..*\.({names})"
 
 
-def add_adapters(model: nn.Module, base_path: str, rank: int, alpha: float, dropout: float = 0.0,
+def add_adapters(model: nn.Module, base_path: str, rank: int, alpha: float,
                  pattern: str = target_pattern(TARGETS)) -> nn.Module:
     """Freeze model (loaded from base_path) and wrap every linear whose name matches pattern in a
     LoRALinear."""
@@ -67,9 +65,9 @@ def add_adapters(model: nn.Module, base_path: str, rank: int, alpha: float, drop
     for name in wrapped:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha, dropout))
+        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha))
     model.lora_config = {"base_model_name_or_path": base_path, "r": rank, "lora_alpha": alpha,
-                         "lora_dropout": dropout, "target_modules": pattern}
+                         "lora_dropout": 0.0, "target_modules": pattern}
     return model
 
 
@@ -137,7 +135,7 @@ def load_adapter(model: nn.Module, folder: Path) -> nn.Module:
     targets = config["target_modules"]
     pattern = targets if isinstance(targets, str) else target_pattern(",".join(targets))
     add_adapters(model, config["base_model_name_or_path"], config["r"], config["lora_alpha"],
-                 config.get("lora_dropout", 0.0), pattern)
+                 pattern)
     weights = {k.removeprefix(PEFT_PREFIX): v
                for k, v in load_file(Path(folder) / "adapter_model.safetensors").items()}
     adapters = {k for k, _ in model.named_parameters() if ".lora_" in k}

@@ -77,7 +77,7 @@ MODES = {
     "zero-shot": PromptMode("{problem} Provide {task}."),
 }
 # The modes a model can be trained in: those with a layout for the format reward.
-TRAINING_MODES = [name for name, mode in MODES.items() if mode.layout]
+TRAINING_MODES = tuple(name for name, mode in MODES.items() if mode.layout)
 
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # "B", "b", "B.", "(B)", "B)", "B:" alone.

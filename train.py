@@ -14,11 +14,11 @@ Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion toke
 import dataclasses
 import json
 import math
-import random
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ import inputs
 import lora
 import model as modellib
 import rewards
+import sampler
 import sources
 import tiny
 from common import print0
@@ -50,17 +51,17 @@ class Config:
     train_split: str = ""  # files to train on (README: your own data); empty = 80/20 of --data
     test_split: str = ""  # held-out files evaluated during training; empty = the 20%
     drop_test_images: bool = True  # no image on both sides; false: only questions (Med-R1's files)
-    prompt_mode: str = "think-after"  # think-after (answer, then rationale), think-before, no-think
+    prompt_mode: Literal[rewards.TRAINING_MODES] = "think-after"  # think-after: answer, then why
     rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
-    algo: str = "grpo"  # grpo, or sft: supervised on the gold answer tag (the paper's baseline)
+    algo: Literal["grpo", "sft"] = "grpo"  # sft: on the gold answer (the baseline)
     # GRPO (Med-R1's values; grpo.py has the equations)
     num_generations: int = 8  # G completions per prompt (Med-R1: 4)
     prompts_per_step: int = 16  # prompts per rollout over all ranks (Med-R1: 8)
     beta: float = 0.04  # weight of the k3 KL to the frozen reference; 0 loads no reference
     eps_low: float = 0.2  # clip range below 1 for the probability ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher uses 0.28)
-    loss_type: str = "grpo"  # grpo (sequence mean), dapo (token mean), dr_grpo (constant)
-    scale_rewards: str = "group"  # advantages / the group's std, the batch's (batch) or 1 (none)
+    loss_type: Literal[grpo.LOSS_TYPES] = "grpo"  # sequence, token mean, constant
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantages / whose std
     num_iterations: int = 1  # mu: policy updates per rollout; > 1 makes the ratio depart from 1
     minibatches: int = 1  # each rollout is split into this many optimizer steps, per iteration
     filter_zero_std: bool = False  # drop groups whose rewards are all equal from the update
@@ -77,14 +78,12 @@ class Config:
     lr: float = 0.0  # peak lr, decayed linearly to 0; 0 = 5e-4 tiny model, 1e-6 (Med-R1) else
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
-    dtype: str = "auto"  # bf16 or fp32 compute (fp32 master weights); auto = bf16 on CUDA
-    decoder: str = "dynamic"  # dynamic, static (fixed-shape cache) or graph (compiled; CUDA graphs)
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute; auto: bf16 on CUDA
+    decoder: Literal[sampler.DECODERS] = "dynamic"  # static: fixed-shape cache; graph: compiled
     grad_checkpointing: bool = False  # recompute decoder layers in backward: less memory
     # what trains
     lora_rank: int = 0  # > 0: only rank-r adapters on the language model train (LoRA); 0 = all
     lora_alpha: float = 0.0  # the adapters' scale is alpha / rank; 0 = 2 x rank
-    lora_dropout: float = 0.0  # on the adapters' input (SFT recipes: 0.05; it blurs GRPO's ratio)
-    lora_targets: str = lora.TARGETS  # the language model's linears that get adapters
     freeze_vision_tower: bool = False  # the vision encoder does not train (always, with LoRA)
     freeze_projector: bool = False  # the mergers into the language model do not train (idem)
     hybrid_shard: bool = False  # multi-node: shard within each node, replicate across nodes
@@ -100,43 +99,38 @@ class Config:
     keep_checkpoints: int = 2  # keep the newest K step-N checkpoints (final is always kept)
     resume: str = ""  # auto = the newest complete step-N in output_dir (if any); or a folder
     overwrite: bool = False  # replace the run already in output_dir (else: stop, or --resume)
-    max_skipped_steps: int = 5  # non-finite updates are skipped; this many in a row stop the run
     rollouts_every: int = 10  # write one prompt's completions to rollouts.jsonl every N steps
-    report_to: str = ""  # wandb: also log to Weights & Biases (pip install wandb; offline works)
+    report_to: Literal["", "wandb"] = ""  # also log to Weights & Biases
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
-    max_prompt_tokens: int = 0  # stop before training if a prompt is longer (0 = no limit)
     seed: int = 0  # data order, sampling and the tiny model's build
 
 
-# Every flag's allowed values, checked in one place (resolve).
+# Every number's allowed range, checked in one place (resolve); a Literal field's values too.
 LIMITS = {
     "modalities": common.names_in(sources.MODALITIES),
     "question_types": common.names_in(sources.QUESTION_TYPES),
-    "prompt_mode": common.one_of(*rewards.TRAINING_MODES), "algo": common.one_of("grpo", "sft"),
-    "decoder": common.one_of(*modellib.DECODERS),
+    "rewards": common.names_in(rewards.REWARDS),
     "num_generations": common.AT_LEAST_1, "prompts_per_step": common.AT_LEAST_1,
     "beta": common.AT_LEAST_0, "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "eps_high": common.AT_LEAST_0, "loss_type": common.one_of(*grpo.LOSS_TYPES),
-    "scale_rewards": common.one_of("group", "batch", "none"), "num_iterations": common.AT_LEAST_1,
+    "eps_high": common.AT_LEAST_0, "num_iterations": common.AT_LEAST_1,
     "minibatches": common.AT_LEAST_1, "ref_sync_every": common.AT_LEAST_0,
     "ref_sync_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"), "temperature": common.ABOVE_0,
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": common.AT_LEAST_0,
-    "max_new_tokens": common.AT_LEAST_1, "steps": common.AT_LEAST_1, "epochs": common.AT_LEAST_0,
-    "lr": common.AT_LEAST_0, "weight_decay": common.AT_LEAST_0, "grad_clip": common.ABOVE_0,
-    "dtype": common.one_of("auto", "bf16", "fp32"), "image_size": common.AT_LEAST_0,
+    "max_new_tokens": common.AT_LEAST_1, "steps": common.AT_LEAST_1,
+    "epochs": common.AT_LEAST_0, "lr": common.AT_LEAST_0, "weight_decay": common.AT_LEAST_0,
+    "grad_clip": common.ABOVE_0, "image_size": common.AT_LEAST_0,
     "max_pixels": common.AT_LEAST_0, "eval_every": common.AT_LEAST_0,
-    "eval_size": common.AT_LEAST_0,
-    "save_every": common.AT_LEAST_0, "keep_checkpoints": common.AT_LEAST_1,
-    "max_skipped_steps": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
-    "max_prompt_tokens": common.AT_LEAST_0, "lora_rank": common.AT_LEAST_0,
-    "lora_alpha": common.AT_LEAST_0, "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "report_to": common.one_of("", "wandb"),
+    "eval_size": common.AT_LEAST_0, "save_every": common.AT_LEAST_0,
+    "keep_checkpoints": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
+    "lora_rank": common.AT_LEAST_0, "lora_alpha": common.AT_LEAST_0,
 }
+# Non-finite updates are skipped; this many in a row stop the run.
+MAX_SKIPPED_STEPS = 5
 
 
 def resolve(cfg: Config, world: int) -> Config:
     """Check every flag's range and the cross-field rules once, up front; fill automatic values."""
-    common.check_flags(cfg, LIMITS | {"rewards": common.names_in(rewards.REWARDS)})
+    common.check_flags(cfg, LIMITS)
     if not cfg.rewards:
         raise SystemExit("--rewards: name at least one reward")
     if not cfg.lr:
@@ -179,8 +173,7 @@ def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple
     with LoRA the policy itself, whose adapters update_policy switches off."""
     policy = modellib.load_model(policy_path or path)
     if cfg.lora_rank and not policy_path:
-        lora.add_adapters(policy, str(Path(path).resolve()), cfg.lora_rank, cfg.lora_alpha,
-                          cfg.lora_dropout, lora.target_pattern(cfg.lora_targets))
+        lora.add_adapters(policy, str(Path(path).resolve()), cfg.lora_rank, cfg.lora_alpha)
     for name, param in policy.model.visual.named_parameters():
         projector = name.startswith(modellib.PROJECTOR_PREFIXES)
         if cfg.freeze_projector if projector else cfg.freeze_vision_tower:
@@ -201,7 +194,7 @@ def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple
 
 
 def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, samples: list[dict],
-                   decoding: modellib.Decoding, generator: torch.Generator) -> tuple[dict, dict]:
+                   decoding: sampler.Decoding, generator: torch.Generator) -> tuple[dict, dict]:
     """One GRPO step on this rank's B prompts: rollout -> rewards -> advantages and updates.
 
     Returns the step's metrics and the first prompt's completions with their
@@ -210,14 +203,14 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     rank, world, G = dist.get_rank(), dist.get_world_size(), cfg.num_generations
     device = common.collective_device()
     start = time.time()
-    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size or None).to(device)
+    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size).to(device)
     # Rollout: G completions for each of this rank's B prompts (row i is prompt i // G).
     N = len(samples) * G
-    rollout = modellib.sample(policy, prompts, G, decoding, generator=generator,
-                              rows=(rank * N, world * N), decoder=cfg.decoder)
+    rollout = sampler.sample(policy, prompts, G, decoding, generator=generator,
+                             rows=(rank * N, world * N), decoder=cfg.decoder)
     rollout_s = time.time() - start
     # Rule rewards on the decoded text, then the policy update.
-    texts = modellib.decode(processor.tokenizer, rollout)
+    texts = sampler.decode(processor.tokenizer, rollout)
     row_samples = [s for s in samples for _ in range(G)]
     names = cfg.rewards.split(",")
     reward_table = torch.tensor(rewards.score(texts, row_samples, names, cfg.prompt_mode))  # (N, R)
@@ -243,7 +236,8 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
 
 def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                   reward_table) -> dict:
-    """Advantages, then num_iterations x minibatches clipped policy updates; returns metrics.
+    """Advantages, then num_iterations x minibatches clipped policy updates; returns this
+    rank's metrics (reduced over ranks by common.reduce_over_ranks).
 
     Advantages are computed from every rank's rewards, so "batch" scaling and
     the zero-variance count see the whole step; groups never span ranks.
@@ -257,7 +251,8 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
 
     mask = rollout.completion_mask  # (N, T)
     if cfg.mask_truncated:
-        mask = mask * ~rollout.truncated.unsqueeze(1)  # (N, T), truncated rows get no loss
+        # Truncated rows get no loss.
+        mask = mask * ~rollout.truncated.unsqueeze(1)  # (N, T)
     rows = torch.arange(N)
     if cfg.filter_zero_std:
         # Only groups with a reward spread train.
@@ -270,22 +265,20 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         return modellib.token_logprobs(model, group_prompts, ids[group_rows], mask[group_rows],
                                        cfg.temperature, group_size=G)
 
+    # Minibatch k holds the prompts whose index in the whole step is k modulo the
+    # number of minibatches, so each update sees the same rows on any number of ranks.
+    prompt_index = rank * (N // G) + rows // G  # (rows,)
+    chunks = [rows_or_stand_in(rows[prompt_index % cfg.minibatches == k], G)
+              for k in range(cfg.minibatches)]
+
     ref_logprobs = None
     if reference is not None:
-        # Only the rows that train; a rank with none still runs the reference once (FSDP's
-        # collectives must match on every rank).
-        ref_rows = rows if len(rows) else torch.arange(G)
+        # Every row that trains, in one forward.
+        ref_rows, _ = rows_or_stand_in(rows, G)
         ref_logprobs = torch.zeros_like(rollout.logprobs)  # (N, T)
         with torch.no_grad(), lora.adapters_off(reference):
             ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
 
-    # Minibatch k holds the prompts whose index in the whole step is k modulo the
-    # number of minibatches, so each update sees the same rows on any number of ranks.
-    prompt_index = rank * (N // G) + rows // G  # (rows,)
-    chunks = [rows[prompt_index % cfg.minibatches == k] for k in range(cfg.minibatches)]
-    # A rank with no rows in a minibatch still runs its forwards and backward (on a group it
-    # gives no weight), so every rank makes the same FSDP collective calls.
-    chunks = [(chunk, 1.0) if len(chunk) else (torch.arange(G), 0.0) for chunk in chunks]
     # With one update per rollout the old policy is the current one: ratio exactly 1.
     # Otherwise it is the policy that sampled. In fp32 the sampler's log-probs are the
     # training forward's (to 1e-5, tested); in bf16 the sampler rounds differently (other
@@ -300,7 +293,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                 recomputed = logprobs_of(policy, chunk)  # (n, T)
                 if weight:
                     old_logprobs[chunk] = recomputed
-    metrics, tokens = [], []
+    updates = []
     for _ in range(cfg.num_iterations):
         for chunk, weight in chunks:
             chunk_mask = mask[chunk] * weight  # (n, T)
@@ -308,49 +301,47 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
             logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
             old = logprobs.detach() if on_policy else old_logprobs[chunk]
             ref = None if ref_logprobs is None else ref_logprobs[chunk]
-            loss, chunk_metrics = grpo.policy_loss(
+            loss, metrics = grpo.policy_loss(
                 logprobs, old, ref, advantages[chunk], chunk_mask, beta=cfg.beta,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
                 max_completion_length=cfg.max_new_tokens, denominator=denominator)
-            chunk_metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
-            chunk_metrics["loss"] = loss.item()
-            metrics.append(chunk_metrics)
-            tokens.append(chunk_mask.sum().item())
-    return {**update_metrics(metrics, tokens), "zero_std_groups": zero_std.float().mean().item(),
+            metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
+            metrics["loss"] = loss.item()
+            updates.append((metrics, chunk_mask.sum().item()))
+    return {**token_sums(updates), "zero_std_groups": zero_std.float().mean().item(),
             "trained_rows": len(rows) / N,
             "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
 
 
-def update_metrics(metrics: list[dict], tokens: list[float]) -> dict:
-    """The policy_loss metrics of this rank's updates, over every rank: each update weighs by the
-    tokens it trained on, so one a rank runs without rows (weight 0) counts for nothing, and the
-    extremes come from updates with tokens. loss and grad_norm, already global, are averaged."""
-    extremes = {"ratio_min": "min", "ratio_max": "max", "kl_max": "max"}
-    summary = {"tokens": sum(tokens)}
-    for key in metrics[0]:
-        values = [m[key] for m, n in zip(metrics, tokens) if n]
+def rows_or_stand_in(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, float]:
+    """(rows, weight 1), or for a rank with no rows one group's rows with weight 0: every rank
+    must still run the same forwards and backward, so FSDP's collectives match."""
+    return (rows, 1.0) if len(rows) else (torch.arange(G), 0.0)
+
+
+def token_sums(updates: list[tuple[dict, float]]) -> dict:
+    """policy_loss's metrics of this rank's (metrics, tokens) updates, for reduce_over_ranks: the
+    per-token means as sums over the tokens (x_sum, and "tokens"), the extremes over the updates
+    with tokens (an update with none counts for nothing), loss and grad_norm (already global)
+    as means over the updates."""
+    tokens = sum(n for _, n in updates)
+    summary = {"tokens": tokens}
+    for key in updates[0][0]:
         if key in ("loss", "grad_norm"):
-            summary[key] = statistics.fmean(m[key] for m in metrics)
-        elif key in extremes:
-            summary[key] = (min(values, default=math.inf) if extremes[key] == "min" else
-                            max(values, default=-math.inf))
+            summary[key] = statistics.fmean(m[key] for m, _ in updates)
+        elif key.endswith("_min"):
+            summary[key] = min((m[key] for m, n in updates if n), default=math.inf)
+        elif key.endswith("_max"):
+            summary[key] = max((m[key] for m, n in updates if n), default=-math.inf)
         else:
-            summary[key] = sum(m[key] * n for m, n in zip(metrics, tokens))
-    reduced = common.reduce_over_ranks(summary, extremes)
-    for key in metrics[0]:
-        if key in extremes and not math.isfinite(reduced[key]):
-            reduced[key] = 1.0 if key.startswith("ratio") else 0.0  # no token trained anywhere
-        elif key not in extremes and key not in ("loss", "grad_norm"):
-            # Means over ranks of the sums over one rank: their ratio is the mean per token.
-            reduced[key] /= max(reduced["tokens"], 1e-12)
-    del reduced["tokens"]
-    return reduced
+            summary[f"{key}_sum"] = sum(m[key] * n for m, n in updates)
+    return summary
 
 
 def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple:
     """One step of the supervised baseline: the gold answer tag is the whole target."""
     device = common.collective_device()
-    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size or None).to(device)
+    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size).to(device)
     targets = [f"<answer>{s['answer']}</answer>" for s in samples]
     # Targets differ in length from rank to rank: the mean is over every rank's tokens.
     loss = modellib.sft_loss(policy, processor.tokenizer, prompts, targets, all_ranks=True)
@@ -379,41 +370,30 @@ def main():
     device = common.setup_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     resolve(cfg, world)
-    print0("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
-    # ---- processor and data first: bad input stops the run before any model is loaded
+    # ---- data and processor first: bad input stops the run before any model is loaded
     root, train_samples, held_out = load_data(cfg)
     path = tiny.model_path(cfg.model, cfg.cache_dir, root)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resume_folder(cfg.resume, out)
     checkpoint.claim(out, cfg.resume, cfg.overwrite)
     processor = inputs.Processor.from_pretrained(path, max_pixels=cfg.max_pixels)
-    tokens = inputs.visual_tokens(processor, cfg.image_size or None)
-    print0(f"{tokens} visual tokens per image")
-    # One visual token covers (patch x merge)^2 pixels: 28 x 28 (Qwen2-VL), 32 x 32 (Qwen3-VL).
-    side = processor.image_processor.patch_size * processor.image_processor.merge_size
-    if cfg.max_pixels and tokens * side * side > cfg.max_pixels:
-        raise SystemExit(f"the processor makes {tokens} visual tokens per image: more than "
-                         "--max_pixels allows")
-    positions = modellib.max_positions(path)
-    limits = {"--max_prompt_tokens": cfg.max_prompt_tokens,
-              f"the model's {positions} positions less --max_new_tokens":
-              positions - cfg.max_new_tokens}
-    data.check_prompt_lengths(train_samples + held_out, processor.tokenizer, cfg.prompt_mode,
-                              tokens, limits)
-    # Shuffled, so that a subset of it keeps the letter balance.
-    random.Random(cfg.seed).shuffle(held_out)
-    held_out = held_out[:cfg.eval_size or None]
-    print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}")
+    tokens = data.check_prompts(train_samples + held_out, processor, cfg.prompt_mode,
+                                cfg.image_size, cfg.max_pixels, modellib.max_positions(path),
+                                cfg.max_new_tokens)
+    held_out = data.subset(held_out, cfg.eval_size, cfg.seed)
     if cfg.epochs:
         cfg.steps = math.ceil(cfg.epochs * len(train_samples) / cfg.prompts_per_step)
         print0(f"--epochs {cfg.epochs}: {cfg.steps} steps of {cfg.prompts_per_step} prompts")
+    print0("config:", json.dumps(dataclasses.asdict(cfg)))
+    print0(f"{len(train_samples)} training and {len(held_out)} held-out questions from {root}; "
+           f"{tokens} visual tokens per image")
 
     # ---- model, reference (the base; a refreshed one comes back on resume), optimizer, schedule
     policy, reference = load_models(cfg, path, device, policy_path=resume_from)
-    decoding = modellib.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens,
-                                     cfg.temperature, cfg.top_p, cfg.top_k)
+    decoding = sampler.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens,
+                                    cfg.temperature, cfg.top_p, cfg.top_k)
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
     trained = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -422,18 +402,12 @@ def main():
     # Every rank walks the same shuffled order and takes its slice of each step's prompts.
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    rngs = {"order_rng": order_rng, "sampling_rng": sampling_rng}
     order, start_step, base_accuracy, skipped_in_a_row = [], 0, None, 0
     if resume_from:
-        state = checkpoint.load_trainer_state(policy, optimizer, resume_from, reference,
-                                              dataclasses.asdict(cfg), train_samples)
-        schedule.load_state_dict(state["schedule"])
-        order_rng.set_state(state["order_rng"])
-        sampling_rng.set_state(state["sampling_rng"])
-        order, start_step = state["order"].tolist(), state["step"]
-        base_accuracy = state["base_accuracy"]
-        print0(f"resumed from {resume_from} at step {start_step}" + (
-            "" if state["world"] == world else
-            f" (saved on {state['world']} ranks, now {world}: correct, but not bit-exact)"))
+        order, start_step, base_accuracy = checkpoint.resume(
+            resume_from, policy, optimizer, reference, schedule, rngs,
+            dataclasses.asdict(cfg), train_samples)
     # Saved with every checkpoint: the config, and what it trained on (eval.py counts the test
     # questions it saw).
     described = {"train_config.json": dataclasses.asdict(cfg),
@@ -445,8 +419,8 @@ def main():
     def save(step: int, folder: Path) -> None:
         state = {"step": step, "schedule": schedule.state_dict(), "world": world,
                  "training_data": checkpoint.fingerprint(train_samples),
-                 "order": torch.tensor(order, dtype=torch.long), "order_rng": order_rng.get_state(),
-                 "sampling_rng": sampling_rng.get_state(), "base_accuracy": base_accuracy}
+                 "order": torch.tensor(order, dtype=torch.long), "base_accuracy": base_accuracy,
+                 **{name: rng.get_state() for name, rng in rngs.items()}}
         # A refreshed reference is saved too: it is no longer the base model.
         checkpoint.save(policy, processor, folder, described, optimizer, state,
                         reference if cfg.ref_sync_every else None)
@@ -455,7 +429,7 @@ def main():
         with common.named_step(step):
             results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
                                           max_new_tokens=cfg.max_new_tokens,
-                                          image_size=cfg.image_size or None, decoder=cfg.decoder)
+                                          image_size=cfg.image_size, decoder=cfg.decoder)
         summary = evaluation.summarize(results)
         print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} ({summary['questions']} "
                f"questions, parse failures {summary['parse_failures']:.3f})")
@@ -495,7 +469,7 @@ def main():
         if skipped_in_a_row:
             print0(f"step {step}: non-finite loss or gradient, update skipped "
                    f"({skipped_in_a_row} in a row)")
-        if skipped_in_a_row >= cfg.max_skipped_steps:
+        if skipped_in_a_row >= MAX_SKIPPED_STEPS:
             raise SystemExit(f"{skipped_in_a_row} non-finite updates in a row at step {step}: "
                              "lower --lr, or read the end of metrics.jsonl and rollouts.jsonl")
 

@@ -108,8 +108,15 @@ def test_several_non_finite_updates_in_a_row_stop_the_run(tiny_path, tmp_path, m
     import grpo
 
     real = grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda *a, **k: (lambda l, m: (l * float("nan"), m))(*real(*a, **k)))
-    monkeypatch.setattr("sys.argv", ["train.py", "--steps", "5", "--max_skipped_steps", "2", "--save_every", "0",
+
+    def nan_loss(*args, **kwargs):
+        """The real loss and metrics, with the loss made NaN: every update is skipped."""
+        loss, metrics = real(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(grpo, "policy_loss", nan_loss)
+    monkeypatch.setattr(train, "MAX_SKIPPED_STEPS", 2)
+    monkeypatch.setattr("sys.argv", ["train.py", "--steps", "5", "--save_every", "0",
                                      *SMALL, "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="2 non-finite updates in a row at step 2"):
         train.main()
@@ -130,11 +137,9 @@ def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_spl
     model, processor = tiny
     sample = modality_split[0][0]
     real_length = data.collate([sample], processor, "think-after").input_ids.shape[1]
-    tokens = inputs.visual_tokens(processor, 384)
-    limits = {"A": real_length, "B": 0}
-    data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, limits)
-    with pytest.raises(data.DataError, match=f"longer than A .*record {sample['id']!r} with {real_length} tokens"):
-        data.check_prompt_lengths([sample], processor.tokenizer, "think-after", tokens, {**limits, "A": real_length - 1})
+    data.check_prompts([sample], processor, "think-after", 384, 0, real_length + 8, 8)
+    with pytest.raises(data.DataError, match=f"longer than .*record {sample['id']!r} with {real_length} tokens"):
+        data.check_prompts([sample], processor, "think-after", 384, 0, real_length + 7, 8)
 
 
 def test_prompts_beyond_the_models_positions_stop_train_and_eval(tiny_path, tmp_path):

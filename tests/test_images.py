@@ -124,7 +124,6 @@ def test_prompt_length_check_counts_every_image(tiny, samples):
     _, processor = tiny
     batch = data.collate(samples, processor, "think-after", image_size=56)
     lengths = batch.attention_mask.sum(1).tolist()
-    tokens = inputs.visual_tokens(processor, 56)
-    data.check_prompt_lengths(samples, processor.tokenizer, "think-after", tokens, {"limit": max(lengths)})
-    with pytest.raises(data.DataError, match=f"1 prompts are longer than limit .* with {max(lengths)} tokens"):
-        data.check_prompt_lengths(samples, processor.tokenizer, "think-after", tokens, {"limit": max(lengths) - 1})
+    data.check_prompts(samples, processor, "think-after", 56, 0, max(lengths) + 8, 8)
+    with pytest.raises(data.DataError, match=f"1 prompts are longer than .* with {max(lengths)} tokens"):
+        data.check_prompts(samples, processor, "think-after", 56, 0, max(lengths) + 7, 8)

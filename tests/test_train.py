@@ -178,7 +178,9 @@ def grpo_step(step_inputs, rewards_by_row, **config):
     model, optimizer, schedule, prompts, samples, rollout = step_inputs
     cfg = train.Config(num_generations=4, beta=0.0, **config)
     reward_table = torch.tensor(rewards_by_row, dtype=torch.float32).unsqueeze(1)  # (8, 1)
-    return train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout, reward_table)
+    metrics = train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout,
+                                  reward_table)
+    return common.reduce_over_ranks(metrics)
 
 
 def test_zero_std_groups_are_reported_and_with_the_filter_not_computed(step_inputs, monkeypatch):
@@ -240,18 +242,21 @@ def test_an_update_that_trains_no_row_leaves_the_weights_alone(step_inputs):
     assert all(torch.equal(p.detach().to_local(), b) for p, b in zip(model.parameters(), before))
 
 
-def test_update_metrics_weigh_updates_by_their_tokens_and_skip_empty_ones(single_process_group):
-    """An update a rank runs without rows (0 tokens) changes no logged number."""
+def test_an_update_without_tokens_changes_no_logged_number(single_process_group):
+    """Updates weigh by their tokens; one a rank runs without rows (0 tokens) counts for nothing,
+    and where no update has tokens the extremes are not logged."""
     trained = {"loss": 0.5, "grad_norm": 2.0, "kl": 0.3, "clip_frac": 0.25, "kl_max": 0.9,
                "ratio_min": 0.8, "ratio_max": 1.3}
     less = {"loss": 0.1, "grad_norm": 1.0, "kl": 0.1, "clip_frac": 0.0, "kl_max": 0.2,
             "ratio_min": 0.95, "ratio_max": 1.05}
     empty = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "kl_max": 0.0,
              "ratio_min": 1.0, "ratio_max": 1.0}
-    logged = train.update_metrics([trained, less, empty], [30, 10, 0])
-    assert logged == pytest.approx({"loss": 0.2, "grad_norm": 1.0, "kl": 0.25, "clip_frac": 0.1875,
-                                    "kl_max": 0.9, "ratio_min": 0.8, "ratio_max": 1.3})
-    assert train.update_metrics([empty], [0]) == empty
+    sums = train.token_sums([(trained, 30), (less, 10), (empty, 0)])
+    assert common.reduce_over_ranks(sums) == pytest.approx(
+        {"loss": 0.2, "grad_norm": 1.0, "kl": 0.25, "clip_frac": 0.1875, "kl_max": 0.9,
+         "ratio_min": 0.8, "ratio_max": 1.3})
+    nothing = common.reduce_over_ranks(train.token_sums([(empty, 0)]))
+    assert nothing == {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0}
 
 
 def test_mask_truncated_gives_truncated_completions_no_loss(step_inputs, monkeypatch):
