@@ -11,11 +11,16 @@ list (--skip_bad_records), is recorded there and skipped.
 import ast
 import csv
 import hashlib
+import io
 import os
 import re
 from pathlib import Path
 
-from sources import DataError, check_text, free_sample, inside, kept, read_records, read_text
+from PIL import UnidentifiedImageError
+
+from inputs import load_image
+from sources import (LETTERS_ALL, DataError, check_text, free_sample, inside, kept,
+                     read_records, read_text)
 
 # The benchmarks' parquet files on the Hugging Face hub name a question's parts
 # differently; column names are compared lower-cased without spaces and
@@ -35,6 +40,14 @@ CHOICE_COLUMNS = {"choicea": "A", "choiceb": "B", "choicec": "C", "choiced": "D"
 def column_key(name: str) -> str:
     """A column's name as compared: "Answer_label" and "answer label" are both "answerlabel"."""
     return re.sub(r"[\s_]", "", name.lower())
+
+
+def check_columns(path: Path, names: list[str], image_column: str, image_keys: set) -> None:
+    """The file has a column for each part of a question (image_keys holds the image
+    column's keys); DataError naming the columns it has otherwise."""
+    keys = {column_key(name) for name in names}
+    if not (keys & image_keys and "question" in keys and keys & {"answer", "answerlabel"}):
+        raise DataError(f"{path}: needs {image_column}, question and answer; it has {names}")
 
 
 def text_of(value):
@@ -59,12 +72,8 @@ def load_parquet(path: Path, image_folder: Path, errors: list | None = None) -> 
         table = pyarrow.parquet.ParquetFile(path)
     except Exception as error:
         raise DataError(f"{path}: not a readable parquet file ({error})") from error
-    names = table.schema_arrow.names
-    columns = {column_key(c) for c in names}
-    if not (columns & set(IMAGE_COLUMNS) and "question" in columns
-            and columns & {"answer", "answerlabel"}):
-        raise DataError(f"{path}: needs an image column (image, images or image_1...), "
-                        f"question and answer; it has {names}")
+    check_columns(path, table.schema_arrow.names,
+                  "an image column (image, images or image_1...)", set(IMAGE_COLUMNS))
     image_folder.mkdir(parents=True, exist_ok=True)
     samples, row = [], 0
     # A few hundred rows at a time: a benchmark's file holds every image's bytes.
@@ -86,19 +95,28 @@ def parquet_images(record: dict, folder: Path, where: str) -> list[str]:
     for column in IMAGE_COLUMNS:
         value = record.get(column)
         cells += value if isinstance(value, list) else [value]
-    return [write_image(cell, folder, where) for cell in cells if cell is not None]
+    cells = [cell for cell in cells if cell is not None]
+    return [write_image(cell, folder, where, number) for number, cell in enumerate(cells, 1)]
 
 
-def write_image(cell, folder: Path, where: str) -> str:
-    """An image cell ({bytes, path}, as the datasets library writes them) as a file in folder."""
-    if not isinstance(cell, dict) or not isinstance(cell.get("bytes"), bytes):
+def write_image(cell, folder: Path, where: str, number: int) -> str:
+    """A row's image (its number, for messages) as a file in folder, from its cell: the
+    bytes, or {bytes, path} as the datasets library writes them (the path gives the suffix)."""
+    content, name = (cell.get("bytes"), cell.get("path")) if isinstance(cell, dict) else (cell, "")
+    if not isinstance(content, bytes):
         raise DataError(f"{where}: an image cell holds no image bytes: {str(cell)[:80]}")
-    digest = hashlib.sha1(cell["bytes"]).hexdigest()
-    path = folder / (digest + Path(cell.get("path") or "").suffix.lower())
+    path = folder / (hashlib.sha1(content).hexdigest() + Path(name or "").suffix.lower())
     if not path.exists():
+        # Decoded here, where the file and row are known: later checks see only the copy.
+        try:
+            load_image(io.BytesIO(content))
+        except Exception as error:
+            cause = ("not an image file PIL can read"
+                     if isinstance(error, UnidentifiedImageError) else error)
+            raise DataError(f"{where}: image {number} does not decode ({cause})") from error
         # Written whole, then renamed: a reader (another rank) never sees half a file.
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_bytes(cell["bytes"])
+        partial.write_bytes(content)
         os.replace(partial, path)
     return str(path)
 
@@ -109,8 +127,10 @@ def write_image(cell, folder: Path, where: str) -> str:
 def load_pmc_vqa_csv(path: Path, errors: list | None = None) -> list[dict]:
     """PMC-VQA as its authors ship it: train.csv, test.csv or test_clean.csv
     beside images/ (from images.zip), whose Figure_path names the image."""
+    rows = csv.DictReader(read_text(path).splitlines())
+    check_columns(path, rows.fieldnames or [], "a Figure_path column", {"figurepath"})
     samples = []
-    for row, raw in enumerate(csv.DictReader(read_text(path).splitlines())):
+    for row, raw in enumerate(rows):
         record = {column_key(k): v for k, v in raw.items() if k is not None}
         where = f"{path}, row {row}"
         figure = record.get("figurepath") or ""
@@ -128,7 +148,7 @@ def load_pmc_vqa_csv(path: Path, errors: list | None = None) -> list[dict]:
 def benchmark_sample(record: dict, where: str, default_id: str, images: list[str]) -> dict:
     """One row of a benchmark's file (column names as column_key makes them), with its images."""
     options = benchmark_options(record, where)
-    answer = text_of((options and record.get("answerlabel")) or record.get("answer"))
+    answer = benchmark_answer(record, options, where)
     sample_id = next((record[k] for k in ("id", "qid") if record.get(k) is not None),
                      default_id)
     return free_sample(where, str(sample_id), images, record.get("question"), answer,
@@ -153,6 +173,20 @@ def benchmark_options(record: dict, where: str) -> dict | list | None:
         except (ValueError, SyntaxError) as error:
             raise DataError(f"{where}: options {options!r} is not a list") from error
     return options or None
+
+
+def benchmark_answer(record: dict, options, where: str):
+    """The gold answer: a multiple-choice row's answer label where the file has that column
+    (PMC-VQA, MedVLThinker), else its answer (MMMU's: the letter)."""
+    if options and "answerlabel" in record:
+        if record["answerlabel"] in (None, ""):
+            raise DataError(f"{where}: the answer label is empty")
+        return text_of(record["answerlabel"])
+    answer = text_of(record.get("answer"))
+    if options and answer not in tuple(LETTERS_ALL):
+        raise DataError(f"{where}: the file has no answer label column (PMC-VQA's "
+                        f"Answer_label), and its answer {answer!r} is no option's letter")
+    return answer
 
 
 def benchmark_answer_type(record: dict) -> str | None:

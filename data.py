@@ -66,6 +66,10 @@ def read_spec(spec: str) -> dict[str, list[Path]]:
             if not matches:
                 raise DataError(f"{pattern}: no file matches")
             paths += map(Path, matches)
+        resolved = [path.resolve() for path in paths]
+        twice = [path for i, path in enumerate(paths) if resolved[i] in resolved[:i]]
+        if twice:
+            raise DataError(f"{entry}: {twice[0]} is read twice in one set")
         name = name or default_name(paths[0])
         if name in sets:
             raise DataError(f"{entry}: a second set named {name!r}: name each set (name=file)")
@@ -114,6 +118,33 @@ def load_file(path, image_root, cache_dir, errors: list | None = None) -> list[d
     return benchmarks.load_parquet(path, (Path(cache_dir) / "images").resolve(), errors)
 
 
+def load_set(files: list, image_root, cache_dir, errors: list | None = None) -> list[dict]:
+    """The samples of files (load_file) as one set: a test column, or a side of training."""
+    return one_per_id([(path, load_file(path, image_root, cache_dir, errors)) for path in files],
+                      errors)
+
+
+def one_per_id(read: list[tuple], errors: list | None = None) -> list[dict]:
+    """The samples of (file, samples) pairs as one set, no two with one id: ids name questions
+    in messages, eval_results.json and the resume check, so a second record with an id raises
+    DataError naming both (with an errors list: is recorded there and dropped)."""
+    samples, first = [], {}  # first: id -> the file and question of its first record
+
+    def once(sample: dict, path) -> dict:
+        if sample["id"] in first:
+            other, question = first[sample["id"]]
+            files = path if other == path else f"{other} and {path}"
+            raise DataError(f"{files}: the id {sample['id']!r} is given to two records "
+                            f"({question!r} and {sample['question']!r}): give each its own id")
+        first[sample["id"]] = path, sample["question"]
+        return sample
+
+    for path, read_samples in read:
+        for sample in read_samples:
+            sources.kept(samples, lambda: once(sample, path), errors)
+    return samples
+
+
 def load_splits(root, modalities: list, question_types: list, train_split: str = "",
                 test_split: str = "", drop_test_images: bool = True,
                 skip_bad_records: bool = False, cache_dir: str = ".cache",
@@ -132,8 +163,8 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
     skip_bad_records is dropped and counted.
     """
     def from_files(spec: str) -> list[dict]:
-        return [s for files in read_spec(spec).values() for path in files
-                for s in load_file(path, root, cache_dir, errors)]
+        paths = [path for files in read_spec(spec).values() for path in files]
+        return load_set(paths, root, cache_dir, errors)
 
     train, test, notes, errors = [], [], [], [] if skip_bad_records else None
     if train_split and not test_split and any(
@@ -142,7 +173,8 @@ def load_splits(root, modalities: list, question_types: list, train_split: str =
         raise DataError(f"--train_split {train_split}: only Med-R1's split files are tested "
                         "on the rest of --data; pass --test_split too")
     if not (train_split and test_split):
-        train, test = split_by_image(sources.load_omnimedvqa(root, errors=errors))
+        every = one_per_id([(root, sources.load_omnimedvqa(root, errors=errors))], errors)
+        train, test = split_by_image(every)
     train = from_files(train_split) if train_split else train
     test = from_files(test_split) if test_split else test
     # Apart before filtering: a test question of a modality left out is still no training question.

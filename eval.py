@@ -35,9 +35,9 @@ import torch.distributed as dist
 import common
 import data
 import inputs
+import lora
 import model as modellib
 import rewards
-import sampler
 import sources
 import tiny
 from common import print0
@@ -73,15 +73,15 @@ def evaluate(model, processor, samples: list[dict], mode: str, device, batch_siz
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(samples), world))  # (about len / world,) sample indices
     n_batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
-    greedy = sampler.decoding_for(model, processor.tokenizer, max_new_tokens, temperature=0.0)
+    greedy = modellib.decoding_for(model, processor.tokenizer, max_new_tokens, temperature=0.0)
     results = []
     for b in range(n_batches):
         indices = mine[b * batch_size:(b + 1) * batch_size]
         # A rank with nothing left still steps the model once per batch, on a sample it ignores.
         batch = [samples[i] for i in indices or [0]]
         prompts = data.collate(batch, processor, mode, image_size).to(device)
-        rollout = sampler.sample(model, prompts, 1, greedy, decoder=decoder)
-        texts = sampler.decode(processor.tokenizer, rollout)
+        rollout = modellib.sample(model, prompts, 1, greedy, decoder=decoder)
+        texts = modellib.decode(processor.tokenizer, rollout)
         names = SCORERS + sorted({name for _, name in FREE_SCORES.values()})
         for i, text, scores in zip(indices, texts, rewards.score(texts, batch, names, mode)):
             sample = samples[i]
@@ -214,7 +214,7 @@ LIMITS = {
     "prompt_mode": common.one_of("", *rewards.MODES), "image_size": common.AT_LEAST_0,
     "max_pixels": common.AT_LEAST_0, "batch_size": common.AT_LEAST_1,
     "max_new_tokens": common.AT_LEAST_1, "max_samples": common.AT_LEAST_0,
-    "decoder": common.one_of(*sampler.DECODERS),
+    "decoder": common.one_of(*modellib.DECODERS),
 }
 
 
@@ -225,6 +225,11 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
         if not any((Path(checkpoint) / f).exists() for f in ("config.json", "adapter_config.json")):
             raise SystemExit(f"--checkpoints: {checkpoint!r} is not a model or adapter folder "
                              "(no config.json or adapter_config.json)")
+        base = lora.base_of(checkpoint)
+        if base and not (Path(base) / "config.json").exists():
+            raise SystemExit(f"--checkpoints: the adapter {checkpoint!r} is on the base model "
+                             f"{base!r}, which holds no config.json: name the base's folder in "
+                             "its adapter_config.json (base_model_name_or_path)")
     return cfg
 
 
@@ -234,8 +239,7 @@ def test_sets(cfg: EvalConfig, root: str) -> dict[str, list[dict]]:
     if cfg.split_files:
         errors = [] if cfg.skip_bad_records else None
         for column, files in data.read_spec(cfg.split_files).items():
-            samples = [s for path in files
-                       for s in data.load_file(path, root, cfg.cache_dir, errors)]
+            samples = data.load_set(files, root, cfg.cache_dir, errors)
             sets[column] = data.check_images(samples, errors)
         if errors:
             print0(f"skipped {len(errors)} bad records; the first: {errors[0]}")

@@ -98,7 +98,11 @@ def kept(samples: list, make, errors: list | None) -> None:
 
 
 def inside(root, relative, where: str, field: str) -> str:
-    """root / relative, resolved, if it stays inside root; DataError otherwise."""
+    """root / relative, resolved, if relative is a path that stays inside root; DataError
+    otherwise."""
+    # An empty path would name root itself, found only later as "not a regular file".
+    if not relative:
+        raise DataError(f"{where}: {field} is empty")
     path = (Path(root) / relative).resolve()
     if not path.is_relative_to(Path(root).resolve()):
         raise DataError(f"{where}: {field} {relative!r} leaves the dataset root {root}")
@@ -319,16 +323,32 @@ def jsonl_sample(line: str, where: str, default_id: str, folder: Path) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: must be a JSON object, not {type(record).__name__}")
     unknown = sorted(set(record) - JSONL_FIELDS)
+    if unknown:
+        raise DataError(f"{where}: unknown fields {unknown}; a record's fields are "
+                        f"{sorted(JSONL_FIELDS)}")
     missing = [k for k in ("question", "answer") if k not in record]
-    if unknown or missing or ("image" in record) == ("images" in record):
-        raise DataError(f"{where}: needs question, answer and one of image or images"
-                        f" (missing {missing or 'none'}; unknown fields {unknown or 'none'})")
-    images = record["images"] if "images" in record else [record["image"]]
-    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
-        raise DataError(f"{where}: images must be a list of paths, not {images!r}")
-    sample_id = record.get("id")
-    return free_sample(where, default_id if sample_id is None else str(sample_id),
-                       [str((folder / image).resolve()) for image in images],
+    if "image" not in record and "images" not in record:
+        missing.append("image or images")
+    if missing:
+        raise DataError(f"{where}: missing {missing}")
+    sample_id = default_id if record.get("id") is None else record["id"]
+    if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+        raise DataError(f"{where}: id must be a string or a whole number, not {sample_id!r}")
+    return free_sample(where, str(sample_id),
+                       [str((folder / image).resolve()) for image in jsonl_images(record, where)],
                        record["question"], record["answer"], record.get("options"),
                        record.get("answer_type"), record.get("modality", ""),
                        record.get("question_type", ""))
+
+
+def jsonl_images(record: dict, where: str) -> list:
+    """A JSONL record's image paths: its image (one path) or its images (a list), not both."""
+    if "image" in record and "images" in record:
+        raise DataError(f"{where}: gives both image ({record['image']!r}) and images: give "
+                        "one of image or images")
+    if "image" in record and not isinstance(record["image"], str):
+        raise DataError(f"{where}: image must be a path, not {record['image']!r}")
+    images = record["images"] if "images" in record else [record["image"]]
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise DataError(f"{where}: images must be a list of paths, not {images!r}")
+    return images

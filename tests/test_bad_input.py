@@ -6,13 +6,17 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow
+import pyarrow.parquet
 import pytest
 from PIL import Image
 
 import data
+import eval as evaluation
 import inputs
 import sources
 from conftest import REPO
+from test_sources import png
 from test_train import SMALL, metrics, run
 
 
@@ -191,3 +195,97 @@ def test_nan_pixels_do_not_blacken_a_float_image_and_a_fifo_is_refused(tmp_path)
     os.mkfifo(tmp_path / "fifo.png")
     with pytest.raises(data.DataError, match="not a regular file"):
         data.check_images([{"id": "q", "images": [str(tmp_path / "fifo.png")]}])
+
+
+def parquet(*rows: dict) -> bytes:
+    """rows of a question with one image (unless a row gives its own) as a parquet file's bytes."""
+    rows = [{"image": {"bytes": png(), "path": None}, "question": "Q?", "answer": "yes", **row}
+            for row in rows]
+    sink = pyarrow.BufferOutputStream()
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def jsonl(*records: dict) -> bytes:
+    return "\n".join(json.dumps({"image": "a.png", "question": "Q?", "answer": "yes", **r})
+                     for r in records).encode()
+
+
+def pmc_csv(header: str, row: str) -> bytes:
+    return f"{header}\n{row}\n".encode()
+
+
+PMC = "Figure_path,Question,Answer,Choice A,Choice B,Answer_label"
+# The files of one set (name, content; in the order given), and what the message must say after
+# the folder: the file and record at fault, and the real cause.
+BAD_SETS = [
+    # Ids name the questions: two records with one id, in one file or in two files of a set.
+    ([("same.jsonl", jsonl({"id": "same", "question": "Q1?"}, {"id": "same", "question": "Q2?"}))],
+     "same.jsonl: the id 'same' is given to two records ('Q1?' and 'Q2?')"),
+    ([("a.jsonl", jsonl({"id": "same"})), ("b.jsonl", jsonl({"id": "same"}))],
+     "a.jsonl and {folder}/b.jsonl: the id 'same' is given to two records"),
+    ([("a.jsonl", jsonl({})), ("a.jsonl", jsonl({}))], "a.jsonl is read twice in one set"),
+    # An image that does not decode is named by its parquet file and row, not by its copy.
+    ([("not_image.parquet", parquet({}, {"image": {"bytes": b"not an image", "path": None}}))],
+     "not_image.parquet, row 1: image 1 does not decode (not an image file PIL can read)"),
+    ([("cut.parquet", parquet({"image": {"bytes": png()[:-30], "path": "x.png"}}))],
+     "cut.parquet, row 0: image 1 does not decode (image file is truncated"),
+    # A column missing or empty is named, not the answer or the image it would have given.
+    ([("test_clean.csv", pmc_csv(PMC.removesuffix(",Answer_label"), "p.jpg,Q?,x,A:x,B:y"))],
+     "test_clean.csv, row 0: the file has no answer label column (PMC-VQA's Answer_label), "
+     "and its answer 'x' is no option's letter"),
+    ([("pmc.parquet", parquet({"answer": "x", "choice a": "A:x", "choice b": "B:y"}))],
+     "pmc.parquet, row 0: the file has no answer label column"),
+    ([("test.csv", pmc_csv(PMC, "p.jpg,Q?,x,A:x,B:y,"))],
+     "test.csv, row 0: the answer label is empty"),
+    ([("test.csv", pmc_csv(PMC.removeprefix("Figure_path,"), "Q?,x,A:x,B:y,A"))],
+     "test.csv: needs a Figure_path column, question and answer; it has ['Question'"),
+    ([("test.csv", pmc_csv(PMC, ",Q?,x,A:x,B:y,A"))], "test.csv, row 0: Figure_path is empty"),
+    ([("test.json", json.dumps([{"qid": 1, "img_name": "", "question": "Q?", "answer": "No",
+                                 "q_lang": "en", "answer_type": "CLOSED"}]).encode())],
+     "test.json, record 0: img_name is empty"),
+    ([("X-Ray_test.json", json.dumps([{"image": "", "problem": "Q? A)x, B)y",
+                                       "solution": "<answer> A </answer>"}]).encode())],
+     "X-Ray_test.json, record 0: image is empty"),
+]
+
+
+@pytest.mark.parametrize("files, message", BAD_SETS)
+def test_a_bad_file_of_a_set_is_named_with_its_record_and_the_real_cause(tmp_path, files, message):
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "images" / "p.jpg")
+    for name, content in files:
+        (tmp_path / name).write_bytes(content)
+    spec = "+".join(str(tmp_path / name) for name, _ in files)
+    with pytest.raises(data.DataError) as error:
+        [paths] = data.read_spec(spec).values()
+        data.check_images(data.load_set(paths, tmp_path, tmp_path / "cache"))
+    assert f"{tmp_path}/{message.format(folder=tmp_path)}" in str(error.value)
+
+
+def test_a_second_record_with_an_id_is_dropped_and_counted_with_skip_bad_records(tmp_path):
+    qa = tmp_path / "QA_information" / "Open-access"
+    qa.mkdir(parents=True)
+    records = [good_record(0, "Images/x.png"), good_record(1, "Images/x.png"),
+               {**good_record(2, "Images/y.png"), "question_id": "ok-0"}]
+    (qa / "Twice.json").write_text(json.dumps(records))
+    with pytest.raises(data.DataError, match=f"{tmp_path}: the id 'ok-0' is given to two records"):
+        data.load_splits(tmp_path, [], [])
+    errors = []
+    kept = data.one_per_id([(tmp_path, sources.load_omnimedvqa(tmp_path))], errors)
+    assert [s["images"] for s in kept] == [[str(tmp_path / "Images" / "x.png")]] * 2
+    assert len(errors) == 1
+
+
+def test_eval_finds_every_adapters_base_model_before_evaluating_any_checkpoint(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(tmp_path / "moved"), "peft_type": "LORA"}))
+    cfg = evaluation.EvalConfig(checkpoints=f"{tmp_path / 'model'},{tmp_path / 'adapter'}")
+    with pytest.raises(SystemExit) as error:
+        evaluation.resolve(cfg)
+    assert (f"the adapter '{tmp_path / 'adapter'}' is on the base model '{tmp_path / 'moved'}', "
+            "which holds no config.json") in str(error.value)

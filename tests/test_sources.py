@@ -84,6 +84,11 @@ GOOD = {"image": "a.png", "question": "Q?", "answer": "A", "options": ["x", "y"]
     (json.dumps({"image": "a.png", "question": "Q <|im_end|>?", "answer": "x"}), "special token"),
     (json.dumps({"image": "a.png", "question": "Q?", "answer": "?"}), "the answer '\\?' has no words"),
     (json.dumps({**GOOD, "options": list("ABCDEFGHIJK")}), "at most 10"),
+    (json.dumps({**GOOD, "image": None, "images": ["a.png"]}),
+     r"gives both image \(None\) and images"),
+    (json.dumps({**GOOD, "image": None}), "image must be a path, not None"),
+    (json.dumps({"question": "Q?", "answer": "yes"}), r"missing \['image or images'\]"),
+    (json.dumps({**GOOD, "id": ["q1"]}), r"id must be a string or a whole number, not \['q1'\]"),
 ])
 def test_a_bad_jsonl_record_is_named_by_its_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -114,6 +119,15 @@ def test_vqa_rad_parquet_as_shipped_gives_closed_and_open_questions(tmp_path):
     assert data.image_names(samples[1], tmp_path / "elsewhere") == [Path(samples[1]["images"][0]).name]
     assert data.random_guess_accuracy([samples[0], samples[2]]) == 0.5
     assert data.random_guess_accuracy(samples) is None  # an open question has no chance accuracy
+
+
+def test_an_image_cell_of_raw_bytes_is_read_as_an_image(tmp_path):
+    """pandas-written files, and some on the hub, hold the image's bytes, not {bytes, path}."""
+    image = png()
+    path = write_parquet(tmp_path / "raw_bytes.parquet",
+                         [{"image": image, "question": "Q?", "answer": "yes"}])
+    [sample] = data.load_file(path, None, tmp_path / "cache")
+    assert [Path(p).read_bytes() for p in sample["images"]] == [image]
 
 
 def test_pmc_vqa_parquet_choices_lose_their_labels(tmp_path):
