@@ -38,6 +38,7 @@ import inputs
 import lora
 import model as modellib
 import rewards
+import sampler
 import sources
 import tiny
 from common import print0
@@ -73,15 +74,15 @@ def evaluate(model, processor, samples: list[dict], mode: str, device, batch_siz
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = list(range(rank, len(samples), world))  # (about len / world,) sample indices
     n_batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
-    greedy = modellib.decoding_for(model, processor.tokenizer, max_new_tokens, temperature=0.0)
+    greedy = sampler.decoding_for(model, processor.tokenizer, max_new_tokens, temperature=0.0)
     results = []
     for b in range(n_batches):
         indices = mine[b * batch_size:(b + 1) * batch_size]
         # A rank with nothing left still steps the model once per batch, on a sample it ignores.
         batch = [samples[i] for i in indices or [0]]
         prompts = data.collate(batch, processor, mode, image_size).to(device)
-        rollout = modellib.sample(model, prompts, 1, greedy, decoder=decoder)
-        texts = modellib.decode(processor.tokenizer, rollout)
+        rollout = sampler.sample(model, prompts, 1, greedy, decoder=decoder)
+        texts = sampler.decode(processor.tokenizer, rollout)
         names = SCORERS + sorted({name for _, name in FREE_SCORES.values()})
         for i, text, scores in zip(indices, texts, rewards.score(texts, batch, names, mode)):
             sample = samples[i]
@@ -214,7 +215,7 @@ LIMITS = {
     "prompt_mode": common.one_of("", *rewards.MODES), "image_size": common.AT_LEAST_0,
     "max_pixels": common.AT_LEAST_0, "batch_size": common.AT_LEAST_1,
     "max_new_tokens": common.AT_LEAST_1, "max_samples": common.AT_LEAST_0,
-    "decoder": common.one_of(*modellib.DECODERS),
+    "decoder": common.one_of(*sampler.DECODERS),
 }
 
 
