@@ -23,7 +23,7 @@ import torch.distributed as dist
 import benchmarks
 import rewards
 import sources
-from inputs import PromptBatch, load_image
+from inputs import PromptBatch, load_image, visual_tokens
 from sources import DataError
 
 
@@ -348,24 +348,40 @@ def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
     return [s for s in samples if not bad.keys() & set(s["images"])]
 
 
-def check_prompt_lengths(samples: list[dict], tokenizer, mode: str, visual_tokens: int,
-                         limits: dict[str, int]) -> None:
-    """Stop before training if a prompt (chat text and image tokens) is longer than a limit; limits
-    maps what each limit is (for the message) to its tokens (0: none).
+def check_prompts(samples: list[dict], processor, mode: str, image_size: int, max_pixels: int,
+                  positions: int, max_new_tokens: int) -> int:
+    """Stop before any model is loaded on prompts the model cannot take: an image over
+    max_pixels, or a prompt (chat text and image tokens) that leaves fewer than max_new_tokens
+    of the model's positions. Returns how many visual tokens an image becomes.
 
     Prompts are never truncated: cutting through the image tokens would break
     the model's forward, cutting the options would change the question.
     """
-    texts = [chat_text(tokenizer, s, mode) for s in samples]
-    # Each image's one <|image_pad|> in the chat text becomes visual_tokens of them.
-    lengths = [len(ids) + len(s["images"]) * (visual_tokens - 1)
-               for s, ids in zip(samples, tokenizer(texts)["input_ids"])]
-    for what, limit in limits.items():
-        too_long = [(s["id"], n) for s, n in zip(samples, lengths) if limit and n > limit]
-        if too_long:
-            raise DataError(f"{len(too_long)} prompts are longer than {what} ({limit} tokens), "
-                            f"e.g. record {too_long[0][0]!r} with {too_long[0][1]} tokens: raise "
-                            "that limit, lower --image_size, or remove those records")
+    tokens = visual_tokens(processor, image_size)
+    # One visual token covers (patch x merge)^2 pixels: 28 x 28 (Qwen2-VL), 32 x 32 (Qwen3-VL).
+    side = processor.image_processor.patch_size * processor.image_processor.merge_size
+    if max_pixels and tokens * side * side > max_pixels:
+        raise DataError(f"the processor makes {tokens} visual tokens per image: more than "
+                        "--max_pixels allows")
+    texts = [chat_text(processor.tokenizer, s, mode) for s in samples]
+    # Each image's one <|image_pad|> in the chat text becomes `tokens` of them.
+    lengths = [len(ids) + len(s["images"]) * (tokens - 1)
+               for s, ids in zip(samples, processor.tokenizer(texts)["input_ids"])]
+    limit = positions - max_new_tokens
+    too_long = [(s["id"], n) for s, n in zip(samples, lengths) if n > limit]
+    if too_long:
+        raise DataError(f"{len(too_long)} prompts are longer than the model's {positions} "
+                        f"positions less --max_new_tokens ({limit} tokens), e.g. record "
+                        f"{too_long[0][0]!r} with {too_long[0][1]} tokens: lower --image_size "
+                        "or --max_new_tokens, or remove those records")
+    return tokens
+
+
+def subset(samples: list[dict], size: int, seed: int) -> list[dict]:
+    """size samples (0: all) in a shuffled order, so that a subset keeps the letter balance."""
+    shuffled = samples[:]
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[:size or None]
 
 
 # ---------------------------------------------------------------- collation

@@ -28,6 +28,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -196,13 +197,13 @@ class EvalConfig:
     cache_dir: str = ".cache"  # the synthetic dataset; images from parquet files go to images/
     modalities: str = ""  # comma-separated Med-R1 modality names; empty = all
     question_types: str = ""  # comma-separated; empty = all (synthetic data: Modality Recognition)
-    columns: str = "modality"  # without split files, one column per modality or question_type
-    prompt_mode: str = ""  # empty = the checkpoint's training mode; or any of rewards.MODES
+    columns: Literal["modality", "question_type"] = "modality"  # one column per (no split files)
+    prompt_mode: Literal[("", *rewards.MODES)] = ""  # empty = the checkpoint's own
     image_size: int = 384  # images are resized to this square first (Med-R1: 384); 0 = keep
     max_pixels: int = 0  # pixel budget per image; 0 = the processor's own (Med-R1: 401408)
     batch_size: int = 64  # prompts per greedy batch on each rank
     max_new_tokens: int = 256  # greedy decoding stops at an end token or here (Med-R1: 256)
-    decoder: str = "dynamic"  # dynamic, static (fixed-shape cache) or graph (compiled; CUDA graphs)
+    decoder: Literal[sampler.DECODERS] = "dynamic"  # static: fixed-shape cache; graph: compiled
     max_samples: int = 0  # evaluate on the first N questions of each test set; 0 = all
     output: str = "runs/eval"  # folder for accuracy.md/.csv/.png and eval_results.json
     skip_bad_records: bool = False  # skip (and count) bad records instead of stopping
@@ -211,11 +212,9 @@ class EvalConfig:
 LIMITS = {
     "modalities": common.names_in(sources.MODALITIES),
     "question_types": common.names_in(sources.QUESTION_TYPES),
-    "columns": common.one_of("modality", "question_type"),
-    "prompt_mode": common.one_of("", *rewards.MODES), "image_size": common.AT_LEAST_0,
+    "image_size": common.AT_LEAST_0,
     "max_pixels": common.AT_LEAST_0, "batch_size": common.AT_LEAST_1,
     "max_new_tokens": common.AT_LEAST_1, "max_samples": common.AT_LEAST_0,
-    "decoder": common.one_of(*sampler.DECODERS),
 }
 
 
@@ -304,17 +303,14 @@ def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str
     mode = cfg.prompt_mode or (json.loads(trained.read_text())["prompt_mode"] if trained.exists()
                                else "think-after")
     processor = inputs.Processor.from_pretrained(checkpoint, max_pixels=cfg.max_pixels)
-    tokens = inputs.visual_tokens(processor, cfg.image_size or None)
-    print0(f"{checkpoint}: prompt mode {mode}, {tokens} visual tokens per image")
     everything = [s for samples in sets.values() for s in samples]
-    positions = modellib.max_positions(checkpoint)
-    data.check_prompt_lengths(everything, processor.tokenizer, mode, tokens,
-                              {f"the model's {positions} positions less --max_new_tokens":
-                               positions - cfg.max_new_tokens})
+    tokens = data.check_prompts(everything, processor, mode, cfg.image_size, cfg.max_pixels,
+                                modellib.max_positions(checkpoint), cfg.max_new_tokens)
+    print0(f"{checkpoint}: prompt mode {mode}, {tokens} visual tokens per image")
     model = modellib.load_model(checkpoint).to(device)
     modellib.shard(model, bf16=device.type == "cuda")
     results = evaluate(model, processor, everything, mode, device, cfg.batch_size,
-                       cfg.max_new_tokens, cfg.image_size or None, cfg.decoder)
+                       cfg.max_new_tokens, cfg.image_size, cfg.decoder)
     by_column, start = {}, 0
     for column, samples in sets.items():
         by_column[column] = {**summarize(results[start:start + len(samples)]),
