@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import statistics
 import typing
 from pathlib import Path
 
@@ -144,6 +145,25 @@ def reduce_over_ranks(metrics: dict) -> dict:
         elif math.isfinite(value):
             logged[key] = value
     return logged
+
+
+def update_sums(updates: list[tuple[dict, float]]) -> dict:
+    """The metrics of this rank's (policy_loss metrics, tokens) updates, for reduce_over_ranks:
+    per-token means as sums over the tokens (x_sum, and "tokens"), the extremes over the
+    updates with tokens (an update with none counts for nothing), loss and grad_norm (already
+    global) as means over the updates."""
+    tokens = sum(n for _, n in updates)
+    summary = {"tokens": tokens}
+    for key in updates[0][0]:
+        if key in ("loss", "grad_norm"):
+            summary[key] = statistics.fmean(m[key] for m, _ in updates)
+        elif key.endswith("_min"):
+            summary[key] = min((m[key] for m, n in updates if n), default=math.inf)
+        elif key.endswith("_max"):
+            summary[key] = max((m[key] for m, n in updates if n), default=-math.inf)
+        else:
+            summary[f"{key}_sum"] = sum(m[key] * n for m, n in updates)
+    return summary
 
 
 def gather_rows(values: torch.Tensor) -> torch.Tensor:

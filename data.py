@@ -41,16 +41,6 @@ def build_prompt(sample: dict, mode: str) -> str:
     return rewards.MODES[mode].text(problem_text(sample), sample.get("answer_type", "choice"))
 
 
-def random_guess_accuracy(samples: list[dict]) -> float | None:
-    """The expected accuracy of picking one option (or yes or no) uniformly at random, averaged
-    over samples; None where a question has no such set of answers (open, or closed but not
-    yes/no)."""
-    chances = [1 / len(s["options"]) if s["options"] else
-               0.5 if s["answer_type"] == "closed" and rewards.is_yes_no(s["answer"]) else None
-               for s in samples]
-    return None if None in chances else sum(chances) / len(chances)
-
-
 # ---------------------------------------------------------------- files to sets
 
 
@@ -350,13 +340,9 @@ def check_images(samples: list[dict], errors: list | None = None) -> list[dict]:
 
 def check_prompts(samples: list[dict], processor, mode: str, image_size: int, max_pixels: int,
                   positions: int, max_new_tokens: int) -> int:
-    """Stop before any model is loaded on prompts the model cannot take: an image over
-    max_pixels, or a prompt (chat text and image tokens) that leaves fewer than max_new_tokens
-    of the model's positions. Returns how many visual tokens an image becomes.
-
-    Prompts are never truncated: cutting through the image tokens would break
-    the model's forward, cutting the options would change the question.
-    """
+    """Stop before any model is loaded on an image over max_pixels, or a prompt (text and image
+    tokens) that leaves fewer than max_new_tokens of the model's positions: prompts are never
+    cut (through the image tokens, or the options). Returns the visual tokens per image."""
     tokens = visual_tokens(processor, image_size)
     # One visual token covers (patch x merge)^2 pixels: 28 x 28 (Qwen2-VL), 32 x 32 (Qwen3-VL).
     side = processor.image_processor.patch_size * processor.image_processor.merge_size

@@ -287,14 +287,24 @@ def scorers_markdown(rows: dict, columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def random_guess_accuracy(samples: list[dict]) -> float | None:
+    """The expected accuracy of picking one option (or yes or no) uniformly at random, averaged
+    over samples; None where a question has no such set of answers (open, or closed but not
+    yes/no)."""
+    chances = [1 / len(s["options"]) if s["options"] else
+               0.5 if s["answer_type"] == "closed" and rewards.is_yes_no(s["answer"]) else None
+               for s in samples]
+    return None if None in chances else sum(chances) / len(chances)
+
+
 def chance(samples: list[dict]) -> dict:
     """The random-guess row's summary: picking an option (or yes or no) uniformly at random has
     an exact expected accuracy, the same for every scorer; None where it is not defined."""
     closed = [s for s in samples if s["answer_type"] == "closed"]
-    return {**dict.fromkeys(SCORERS, data.random_guess_accuracy(samples)),
+    return {**dict.fromkeys(SCORERS, random_guess_accuracy(samples)),
             "parse_failures": 0.0, "rationale_chars": 0.0,
             **dict.fromkeys(FREE_SCORES), "closed_accuracy":
-            data.random_guess_accuracy(closed) if closed else None}
+            random_guess_accuracy(closed) if closed else None}
 
 
 def evaluate_checkpoint(cfg: EvalConfig, checkpoint: Path, sets: dict, root: str, device) -> dict:

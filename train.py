@@ -14,7 +14,6 @@ Shapes: B prompts on this rank, G samples per prompt, N = B*G, T completion toke
 import dataclasses
 import json
 import math
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +307,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
             metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
             metrics["loss"] = loss.item()
             updates.append((metrics, chunk_mask.sum().item()))
-    return {**token_sums(updates), "zero_std_groups": zero_std.float().mean().item(),
+    return {**common.update_sums(updates), "zero_std_groups": zero_std.float().mean().item(),
             "trained_rows": len(rows) / N,
             "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
 
@@ -317,25 +316,6 @@ def rows_or_stand_in(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, float]:
     """(rows, weight 1), or for a rank with no rows one group's rows with weight 0: every rank
     must still run the same forwards and backward, so FSDP's collectives match."""
     return (rows, 1.0) if len(rows) else (torch.arange(G), 0.0)
-
-
-def token_sums(updates: list[tuple[dict, float]]) -> dict:
-    """policy_loss's metrics of this rank's (metrics, tokens) updates, for reduce_over_ranks: the
-    per-token means as sums over the tokens (x_sum, and "tokens"), the extremes over the updates
-    with tokens (an update with none counts for nothing), loss and grad_norm (already global)
-    as means over the updates."""
-    tokens = sum(n for _, n in updates)
-    summary = {"tokens": tokens}
-    for key in updates[0][0]:
-        if key in ("loss", "grad_norm"):
-            summary[key] = statistics.fmean(m[key] for m, _ in updates)
-        elif key.endswith("_min"):
-            summary[key] = min((m[key] for m, n in updates if n), default=math.inf)
-        elif key.endswith("_max"):
-            summary[key] = max((m[key] for m, n in updates if n), default=-math.inf)
-        else:
-            summary[f"{key}_sum"] = sum(m[key] * n for m, n in updates)
-    return summary
 
 
 def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple:
