@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow
@@ -15,9 +13,7 @@ import data
 import eval as evaluation
 import inputs
 import sources
-from conftest import REPO
-from test_sources import png
-from test_train import SMALL, metrics, run
+from helpers import SMALL, metrics, png, run, run_fail
 
 
 def good_record(i: int, image: str) -> dict:
@@ -113,14 +109,6 @@ def test_skip_bad_records_trains_on_the_rest_and_counts_them(mixed_root, tiny_pa
                "--skip_bad_records", "true", "--output_dir", str(tmp_path)], nproc=2)
     assert f"skipped {len(bad)} bad records" in out
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
-
-
-def run_fail(args: list[str]) -> str:
-    """Run a script that must fail; return what it printed."""
-    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode != 0
-    return done.stdout + done.stderr
 
 
 # What a file holds instead of a list of OmniMedVQA records, and the message that must name it.

@@ -19,11 +19,7 @@ from transformers import StaticCache
 import decoders
 import model as modellib
 import sampler
-import test_model
-from test_model import SIZES, encode, repeat_prompts
-from test_train import SMALL, metrics, run
-
-any_model, mixed_samples = test_model.any_model, test_model.mixed_samples  # their fixtures
+from helpers import SIZES, SMALL, encode, metrics, repeat_prompts, run
 
 G = 4
 # Row i ends after 2 + i % 7 tokens: the 12 rows of 3 prompts end at 7 different steps.

@@ -13,8 +13,7 @@ import eval as evaluation
 import model as modellib
 import sources
 import tiny
-from test_bad_input import run_fail
-from test_train import run
+from helpers import run, run_fail
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import sampler
 import sources
 import train
 from conftest import REPO
-from test_bad_input import run_fail
-from test_train import SMALL, metrics, run
+from helpers import SMALL, metrics, run, run_fail
 
 
 @pytest.mark.parametrize("switches", [[], ["--ref_sync_every", "2"], ["--lora_rank", "4"]],

@@ -3,33 +3,16 @@ forwards of each row alone."""
 
 import pytest
 import torch
-from transformers import Qwen2VLForConditionalGeneration
 
 import data
 import inputs
 import model as modellib
 import sampler
 import sources
-from test_families import random_model, toy_processor
-from tiny import tiny_config
 
 # Prompt 0 has two images, prompt 1 three, all of different sizes (width, height).
 SIZES = [[(56, 56), (84, 28)], [(28, 84), (56, 28), (84, 84)]]
 G = 2
-
-
-@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random", "qwen2.5-vl", "qwen3-vl"])
-def model_and_processor(request, tiny, tmp_path):
-    """The warmed-up tiny model, a random Qwen2-VL, and random Qwen2.5-VL and Qwen3-VL from their
-    published configs (test_families.py) with their own processors."""
-    model, processor = tiny
-    torch.manual_seed(1)
-    if request.param == "qwen2-vl-random":
-        model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()
-    elif request.param != "tiny-warmed-up":
-        model = random_model(request.param, processor.tokenizer)
-        processor = toy_processor(tmp_path / request.param, request.param, processor.tokenizer)
-    return model, processor
 
 
 @pytest.fixture
@@ -75,8 +58,8 @@ def test_each_prompt_carries_all_its_images_in_order(tiny, samples):
     assert picked.image_counts.tolist() == [3, 3, 2, 3]
 
 
-def test_greedy_sampling_equals_generate_on_each_prompt_alone(model_and_processor, samples):
-    model, processor = model_and_processor
+def test_greedy_sampling_equals_generate_on_each_prompt_alone(any_model, samples):
+    model, processor = any_model
     batch = data.collate(samples, processor, "think-after")
     assert (batch.attention_mask == 0).any(), "the prompts must differ in length to test padding"
     end_ids = sampler.end_token_ids(model, processor.tokenizer)
@@ -89,10 +72,10 @@ def test_greedy_sampling_equals_generate_on_each_prompt_alone(model_and_processo
         assert ours.completion_ids[row, :n].tolist() == theirs[:n].tolist()
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_each_row_run_alone(model_and_processor, samples):
+def test_shared_prompt_logprobs_and_gradients_equal_each_row_run_alone(any_model, samples):
     """The prompt (and its images) encoded once for its G completions, against each completion run whole
     with its own prompt and images, as Hugging Face computes positions for it."""
-    model, processor = model_and_processor
+    model, processor = any_model
     batch = data.collate(samples, processor, "think-after")
     end_ids = sampler.end_token_ids(model, processor.tokenizer)
     rollout = sampler.sample(model, batch, G, sampler.Decoding(8, end_ids=end_ids),

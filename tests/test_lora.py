@@ -13,7 +13,7 @@ import lora
 import model as modellib
 import train
 from conftest import REPO
-from test_train import SMALL, run
+from helpers import SMALL, run
 
 peft = pytest.importorskip("peft")  # in the test install (README); not a training dependency
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import data
+import eval as evaluation
 import sources
 from rewards import (REWARDS, accuracy_medr1_raw, accuracy_medr1_reward, accuracy_medr1_think, accuracy_reward,
                      extract_choice, medr1_reward_choice)
@@ -69,12 +70,12 @@ def test_problem_text_rebuilds_every_released_problem(splits):
 @needs_splits
 def test_random_guessing_scores_26_98_percent_pooled_over_the_test_splits(splits):
     pooled = [s for _, samples in splits.values() for s in samples]
-    assert round(100 * data.random_guess_accuracy(pooled), 2) == 26.98
+    assert round(100 * evaluation.random_guess_accuracy(pooled), 2) == 26.98
 
 
 def test_random_guess_accuracy_averages_one_over_the_option_count():
     samples = [{"options": {"A": "x", "B": "y"}}, {"options": {"A": "w", "B": "x", "C": "y", "D": "z"}}]
-    assert data.random_guess_accuracy(samples) == (1 / 2 + 1 / 4) / 2
+    assert evaluation.random_guess_accuracy(samples) == (1 / 2 + 1 / 4) / 2
 
 
 # problem, and by hand: its question, option texts and gold option text. The first three are real

@@ -9,54 +9,11 @@ import torch
 from transformers import Qwen2VLForConditionalGeneration
 
 import checkpoint
-import data
 import inputs
 import model as modellib
 import sampler
-import sources
-from test_families import random_model, toy_processor
+from helpers import SIZES, encode, repeat_prompts
 from tiny import CHAT_TEMPLATE, tiny_config
-
-# Images of different shapes give different numbers of image tokens, hence left padding. The
-# 28 x 140 one is taller than Qwen2.5-VL's 112-pixel attention window, so it is split in two.
-SIZES = {"equal": [(56, 56), (56, 56)], "different": [(56, 56), (84, 28), (28, 140)]}
-
-
-def encode(processor, samples, sizes, mode="think-after") -> inputs.PromptBatch:
-    """A left-padded PromptBatch whose i-th image is resized to sizes[i] (width, height)."""
-    texts = [processor.tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": data.build_prompt(s, mode)}]}],
-        add_generation_prompt=True, tokenize=False) for s in samples]
-    images = [inputs.load_image(s["images"][0]).resize(size) for s, size in zip(samples, sizes)]
-    return inputs.PromptBatch(**processor(texts, images))
-
-
-def repeat_prompts(batch: inputs.PromptBatch, group_size: int) -> inputs.PromptBatch:
-    """B prompts -> B*G rows where row i is prompt i // G, each with its own copy of its image's patches."""
-    return inputs.select_rows(batch, torch.arange(batch.input_ids.shape[0]).repeat_interleave(group_size))
-
-
-@pytest.fixture(params=["tiny-warmed-up", "qwen2-vl-random", "qwen2.5-vl-random", "qwen3-vl-random"])
-def any_model(request, tiny, tmp_path):
-    """The warmed-up tiny model, and random ones whose outputs depend on every input detail:
-    Qwen2-VL at the tiny size, Qwen2.5-VL and Qwen3-VL from their published configs shrunk
-    (test_families.py), each with its own processor (Qwen3-VL: 16-pixel patches)."""
-    model, processor = tiny
-    torch.manual_seed(1)
-    if request.param == "qwen2-vl-random":
-        model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()
-    elif request.param != "tiny-warmed-up":
-        family = request.param.removesuffix("-random")
-        model = random_model(family, processor.tokenizer)
-        processor = toy_processor(tmp_path / family, family, processor.tokenizer)
-    return model, processor
-
-
-@pytest.fixture(scope="module")
-def mixed_samples(dataset_root):
-    """Three questions of different types (so different text lengths)."""
-    samples = sources.load_omnimedvqa(dataset_root)
-    return [next(s for s in samples if s["question_type"] == q) for q in sources.QUESTION_TYPES[:3]]
 
 
 def test_greedy_sampler_equals_generate(any_model, mixed_samples):

@@ -1,6 +1,5 @@
 """Readers of our JSONL records and of the benchmarks' files, on fixtures laid out as they ship."""
 
-import io
 import json
 import sys
 from pathlib import Path
@@ -11,13 +10,9 @@ import pytest
 from PIL import Image
 
 import data
+import eval as evaluation
 import sources
-
-
-def png(size=(40, 30), color=(200, 10, 10)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+from helpers import metrics, png, run, run_fail
 
 
 def write_parquet(path: Path, rows: list[dict]) -> Path:
@@ -117,8 +112,8 @@ def test_vqa_rad_parquet_as_shipped_gives_closed_and_open_questions(tmp_path):
     assert samples[1]["id"] == path.name + "#1"
     # Named by their content on any machine, whatever the cache folder or data root.
     assert data.image_names(samples[1], tmp_path / "elsewhere") == [Path(samples[1]["images"][0]).name]
-    assert data.random_guess_accuracy([samples[0], samples[2]]) == 0.5
-    assert data.random_guess_accuracy(samples) is None  # an open question has no chance accuracy
+    assert evaluation.random_guess_accuracy([samples[0], samples[2]]) == 0.5
+    assert evaluation.random_guess_accuracy(samples) is None  # an open question has no chance accuracy
 
 
 def test_an_image_cell_of_raw_bytes_is_read_as_an_image(tmp_path):
@@ -298,8 +293,6 @@ def benchmark_files(root: Path, dataset_root) -> dict:
 def test_sft_on_answers_of_different_lengths_is_the_same_on_one_and_two_ranks(tmp_path, tiny_path,
                                                                              dataset_root):
     """Each rank's targets hold a different number of tokens: the loss is the mean over all."""
-    from test_train import metrics, run
-
     files = benchmark_files(tmp_path, dataset_root)
     args = ["train.py", "--algo", "sft", "--train_split", str(files["train"]), "--test_split",
             str(files["test"]), "--steps", "1", "--prompts_per_step", "4", "--eval_size", "2",
@@ -312,9 +305,6 @@ def test_sft_on_answers_of_different_lengths_is_the_same_on_one_and_two_ranks(tm
 
 def test_train_and_eval_read_jsonl_and_parquet_with_several_images_and_free_answers(tmp_path, tiny_path,
                                                                                     dataset_root):
-    from test_train import run
-    from test_bad_input import run_fail
-
     files = benchmark_files(tmp_path, dataset_root)
     out = tmp_path / "run"
     printed = run(["train.py", "--train_split", str(files["train"]), "--test_split", str(files["test"]),

@@ -11,30 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
-
 import common
 import model as modellib
 import sampler
 import train
-
-SMALL = ["--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "12", "--eval_every", "0",
-         "--eval_size", "8"]
-
-
-def run(args: list[str], nproc: int = 1) -> str:
-    """Run a script of the project as a user would, with python or torchrun; return its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    done = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
-
-
-def metrics(folder) -> list[dict]:
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
+from conftest import REPO
+from helpers import SMALL, metrics, run
 
 SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2", "--minibatches", "2",
             "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2",
@@ -251,11 +233,11 @@ def test_an_update_without_tokens_changes_no_logged_number(single_process_group)
             "ratio_min": 0.95, "ratio_max": 1.05}
     empty = {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0, "kl_max": 0.0,
              "ratio_min": 1.0, "ratio_max": 1.0}
-    sums = train.token_sums([(trained, 30), (less, 10), (empty, 0)])
+    sums = common.update_sums([(trained, 30), (less, 10), (empty, 0)])
     assert common.reduce_over_ranks(sums) == pytest.approx(
         {"loss": 0.2, "grad_norm": 1.0, "kl": 0.25, "clip_frac": 0.1875, "kl_max": 0.9,
          "ratio_min": 0.8, "ratio_max": 1.3})
-    nothing = common.reduce_over_ranks(train.token_sums([(empty, 0)]))
+    nothing = common.reduce_over_ranks(common.update_sums([(empty, 0)]))
     assert nothing == {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0}
 
 
