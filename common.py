@@ -166,6 +166,17 @@ def update_sums(updates: list[tuple[dict, float]]) -> dict:
     return summary
 
 
+def lr_factor(update: int, total: int, schedule: str, warmup_ratio: float) -> float:
+    """The lr's share of its peak at an update: up from 0 over ceil(warmup_ratio x total)
+    updates, then down to 0, linearly or as a half cosine (as transformers' schedules)."""
+    warmup = math.ceil(warmup_ratio * total)
+    if update < warmup:
+        return update / warmup
+    progress = (update - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else
+               1 - progress)
+
+
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
     """Every rank's (N,) tensor in rank order: (world * N,), on the collective device."""
     values = values.to(collective_device())
@@ -233,14 +244,16 @@ class Log:
 
     def summary(self, m: dict) -> str:
         """The one-line summary of a step: each reward, the KL, length, zero-std groups, letters."""
+        # optimizer_step skips an update whose loss or gradient is not finite.
+        skipped = "" if math.isfinite(m["grad_norm"]) else " (non-finite: update skipped)"
         if "reward" not in m:
-            return f"step {m['step']} loss {m['loss']:.4f} {m['step_s']:.2f}s"
+            return f"step {m['step']} loss {m['loss']:.4f} {m['step_s']:.2f}s{skipped}"
         each = " ".join(f"{name} {m[f'reward_{name}']:.2f}" for name in self.reward_names)
         letters = " ".join(f"{k.removeprefix('letter_')}:{v:.2f}" for k, v in m.items()
                            if k.startswith("letter_"))
         return (f"step {m['step']} reward {m['reward']:.3f} {each} kl {m['kl']:.4f} "
                 f"len {m['completion_len']:.1f} zero-std {m['zero_std_groups']:.2f} "
-                f"letters {letters} {m['step_s']:.2f}s")
+                f"letters {letters} {m['step_s']:.2f}s{skipped}")
 
     def finish(self) -> None:
         """curves.png: reward, accuracy, completion length and loss per step (needs matplotlib);

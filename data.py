@@ -24,16 +24,7 @@ import benchmarks
 import rewards
 import sources
 from inputs import PromptBatch, load_image, visual_tokens
-from sources import DataError
-
-
-def problem_text(sample: dict) -> str:
-    """Med-R1's `problem` string: the question, a space, then `A)text, B)text, ...`; a question
-    without options is itself."""
-    if not sample["options"]:
-        return sample["question"]
-    options = ", ".join(f"{letter}){text}" for letter, text in sample["options"].items())
-    return f"{sample['question']} {options}"
+from sources import DataError, problem_text
 
 
 def build_prompt(sample: dict, mode: str) -> str:
@@ -382,9 +373,10 @@ def chat_text(tokenizer, sample: dict, mode: str) -> str:
     return tokenizer.apply_chat_template([message], add_generation_prompt=True, tokenize=False)
 
 
-def collate(samples: list[dict], processor, mode: str, image_size: int | None = None):
-    """Chat-format B samples and encode them, images included."""
-    texts = [chat_text(processor.tokenizer, s, mode) for s in samples]
+def collate(samples: list[dict], processor, mode: str, image_size: int = 0,
+            texts: list[str] | None = None) -> PromptBatch:
+    """Chat-format B samples (or take their chat texts) and encode them, images included."""
+    texts = texts or [chat_text(processor.tokenizer, s, mode) for s in samples]
     images = []
     for s in samples:
         for path in s["images"]:
@@ -395,3 +387,13 @@ def collate(samples: list[dict], processor, mode: str, image_size: int | None = 
                 raise DataError(f"record {s['id']!r}: image {path} cannot be decoded: "
                                 f"{error}") from error
     return PromptBatch(**processor(texts, images))
+
+
+def medr1_sft_batch(samples: list[dict], processor, image_size: int) -> tuple:
+    """Med-R1's SFT conversations (sources.medr1_sft_text) encoded, and which tokens carry
+    loss (B, P): every token but padding and image tokens, as their labels, save the first,
+    which has nothing before it."""
+    texts = [sources.medr1_sft_text(processor.tokenizer, s) for s in samples]
+    batch = collate(samples, processor, "", image_size, texts)
+    first = batch.attention_mask.cumsum(dim=1) == 1  # (B, P), the first token and padding
+    return batch, batch.attention_mask * (1 - batch.mm_token_type_ids) * ~first  # (B, P)

@@ -118,6 +118,17 @@ def summarize(results: list[dict]) -> dict:
     return summary
 
 
+def held_out_accuracy(step: int, model, processor, samples: list[dict], mode: str, device,
+                      max_new_tokens: int, image_size: int, decoder: str) -> float:
+    """Greedy accuracy on held-out samples during training, printed with the step."""
+    summary = summarize(evaluate(model, processor, samples, mode, device,
+                                 max_new_tokens=max_new_tokens, image_size=image_size,
+                                 decoder=decoder))
+    print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} ({summary['questions']} "
+           f"questions, parse failures {summary['parse_failures']:.3f})")
+    return summary["accuracy"]
+
+
 def percent(summary: dict, key: str) -> float:
     """summary[key] in percent; nan where it is not defined (None: no question of its kind)."""
     value = summary.get(key)

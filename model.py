@@ -35,6 +35,13 @@ def load_model(path, dtype=torch.float32):
 PROJECTOR_PREFIXES = ("merger.", "deepstack_merger_list.")
 
 
+def freeze_vision(model, tower: bool, projector: bool) -> None:
+    """The vision tower's parameters stop training: the tower's, the projector's, or both."""
+    for name, param in model.model.visual.named_parameters():
+        if projector if name.startswith(PROJECTOR_PREFIXES) else tower:
+            param.requires_grad_(False)
+
+
 def max_positions(path) -> int:
     """The language model's position limit, from the folder's (or adapter's base's) config.json."""
     config = AutoConfig.from_pretrained(lora.base_of(path) or path, local_files_only=True)
@@ -89,23 +96,26 @@ def gathered_once(function):
 # ---------------------------------------------------------------- forwards and log-probs
 
 
+def rope_positions(model, prompts: PromptBatch) -> torch.Tensor:
+    """The 3-D rope positions (3, B, P) of Qwen2-VL's M-RoPE, which 2.5-VL and 3-VL keep: image
+    tokens get (time, row, column), text counts on."""
+    positions, _ = model.model.get_rope_index(prompts.input_ids, prompts.mm_token_type_ids,
+                                              image_grid_thw=prompts.image_grid_thw,
+                                              attention_mask=prompts.attention_mask)
+    return positions
+
+
 def prefill(model, prompts: PromptBatch, cache=None):
     """One forward over the B prompts and their images into a KV cache (a new one if None).
 
     Returns the model output (logits of the last position only, (B, 1, V)) and
-    the 3-D rope positions (3, B, P) of Qwen2-VL's M-RoPE, which 2.5-VL and
-    3-VL keep: image tokens get (time, row, column), text counts on. Qwen3-VL
-    also adds its deepstack features to the image positions of the first
-    decoder layers, which happens only here: completion tokens are text.
-    Used by sample() and token_logprobs() alike.
+    the rope positions (3, B, P). Qwen3-VL also adds its deepstack features to
+    the image positions of the first decoder layers, which happens only here:
+    completion tokens are text. Used by sample() and token_logprobs() alike.
     """
-    positions, _ = model.model.get_rope_index(prompts.input_ids, prompts.mm_token_type_ids,
-                                              image_grid_thw=prompts.image_grid_thw,
-                                              attention_mask=prompts.attention_mask)  # (3, B, P)
-    out = model(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
-                position_ids=positions, pixel_values=prompts.pixel_values,
-                image_grid_thw=prompts.image_grid_thw, mm_token_type_ids=prompts.mm_token_type_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    positions = rope_positions(model, prompts)  # (3, B, P)
+    out = model(**prompts.model_inputs(), position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
     return out, positions
 
 
@@ -201,11 +211,9 @@ def enable_grad_checkpointing(model) -> None:
         layer._can_checkpoint_with_cache = True
 
 
-def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str],
-             all_ranks: bool = False) -> torch.Tensor:
-    """Mean negative log-likelihood of each target text and <|im_end|>, over its tokens, or
-    with all_ranks over the target tokens of every rank (a collective): FSDP averages the
-    ranks' gradients, so each rank divides its sum by the mean count per rank."""
+def sft_nll(model, tokenizer, prompts: PromptBatch, targets: list[str]) -> tuple:
+    """The summed negative log-likelihood of each target text and <|im_end|> after its prompt,
+    and how many tokens that is: (scalar, int)."""
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     ids = [tokenizer(text)["input_ids"] + [end] for text in targets]
     T = max(len(t) for t in ids)
@@ -214,11 +222,22 @@ def sft_loss(model, tokenizer, prompts: PromptBatch, targets: list[str],
     device = prompts.input_ids.device
     completion_ids, completion_mask = completion_ids.to(device), completion_mask.to(device)
     logprobs = token_logprobs(model, prompts, completion_ids, completion_mask)  # (B, T)
-    count = completion_mask.sum().float()
-    if all_ranks:
-        dist.all_reduce(count)
-        count = count / dist.get_world_size()
-    return -(logprobs * completion_mask).sum() / count
+    return -(logprobs * completion_mask).sum(), int(completion_mask.sum())
+
+
+def sequence_nll(model, batch: PromptBatch, loss_mask: torch.Tensor) -> tuple:
+    """The summed negative log-likelihood of the tokens of loss_mask (B, P), each given every
+    token before it (so never a row's first), in one forward over the whole texts, images
+    included; and how many tokens that is: (scalar, int)."""
+    positions = rope_positions(model, batch)  # (3, B, P)
+    training = model.training
+    # HF checkpoints layers only in train mode.
+    model.train(training or model.is_activation_checkpointing)
+    logits = model(**batch.model_inputs(), position_ids=positions, use_cache=False).logits
+    model.train(training)
+    # Next-token shift: position p predicts token p + 1.
+    logprobs = chosen_logprobs(logits[:, :-1], batch.input_ids[:, 1:], 1.0)  # (B, P - 1)
+    return -(logprobs * loss_mask[:, 1:]).sum(), int(loss_mask[:, 1:].sum())
 
 
 @torch.no_grad()

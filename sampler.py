@@ -56,10 +56,13 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 def decoding_for(model, tokenizer, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0) -> Decoding:
-    """Decoding that ends at the model's end tokens and never draws a vision token."""
+    """Decoding that ends at the model's end tokens and never draws a vision token, nor an id
+    the tokenizer does not have: Qwen's embedding has 151,936 rows for 151,657 tokens, and
+    decode() would drop such an id without a word, so the reward would not see it."""
+    beyond = range(len(tokenizer), model.config.get_text_config().vocab_size)
     return Decoding(max_new_tokens, temperature, top_p, top_k,
                     tuple(end_token_ids(model, tokenizer)),
-                    tuple(tokenizer.convert_tokens_to_ids(VISION_TOKENS)))
+                    tuple(tokenizer.convert_tokens_to_ids(VISION_TOKENS)) + tuple(beyond))
 
 
 def decode(tokenizer, rollout: Rollout) -> list[str]:

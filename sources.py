@@ -175,8 +175,35 @@ def select(samples: list[dict], modalities=None, question_types=None) -> list[di
 MEDR1_SOLUTION = re.compile(r"<answer>\s*([A-Z])\s*</answer>")
 
 
+def problem_text(sample: dict) -> str:
+    """Med-R1's `problem` string: the question, a space, then `A)text, B)text, ...`; a question
+    without options is itself."""
+    if not sample["options"]:
+        return sample["question"]
+    options = ", ".join(f"{letter}){text}" for letter, text in sample["options"].items())
+    return f"{sample['question']} {options}"
+
+
+# Med-R1's released SFT (PROMPTS.md, "SFT baseline as released"): its system turn, and the
+# assistant text "{thinking}\n\n{solution}", where a record without thinking gives "None".
+MEDR1_SFT_SYSTEM = ("Your task: Provide the correct single-letter choice (A, B, C, D,...) "
+                    "inside <answer>...</answer> tags.")
+
+
+def medr1_sft_text(tokenizer, sample: dict) -> str:
+    """Med-R1's SFT conversation as one chat text: its system turn, the user turn with the
+    problem before the images, the answer, and then, as its script applies the chat template
+    with add_generation_prompt=True, an empty assistant header."""
+    user = [{"type": "text", "text": problem_text(sample)}]
+    user += [{"type": "image"} for _ in sample["images"]]
+    answer = f"None\n\n<answer> {sample['answer']} </answer>"
+    messages = [{"role": "system", "content": MEDR1_SFT_SYSTEM},
+                {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def parse_problem(problem: str, where: str) -> tuple[str, dict]:
-    """Med-R1's `problem` string -> (question, options); the inverse of data.problem_text."""
+    """Med-R1's `problem` string -> (question, options); the inverse of problem_text."""
     start = problem.find(" A)")
     if start < 0:
         raise DataError(f"{where}: no ' A)' in problem {problem!r}")

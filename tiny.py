@@ -162,7 +162,8 @@ def build_tiny(folder, dataset_root, warmup_steps: int = 300, seed: int = 0) -> 
         batch_samples, mode = rng.sample(samples, 32), rng.choice(rewards.TRAINING_MODES)
         prompts = data.collate(batch_samples, processor, mode)
         targets = [warmup_target(s, mode, rng) for s in batch_samples]
-        loss = modellib.sft_loss(model, processor.tokenizer, prompts, targets)
+        nll, count = modellib.sft_nll(model, processor.tokenizer, prompts, targets)
+        loss = nll / count
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

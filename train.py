@@ -53,6 +53,7 @@ class Config:
     prompt_mode: Literal[rewards.TRAINING_MODES] = "think-after"  # think-after: answer, then why
     rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
     algo: Literal["grpo", "sft"] = "grpo"  # sft: on the gold answer (the baseline)
+    sft_format: Literal["answer", "medr1"] = "answer"  # medr1: Med-R1's released SFT (README)
     # GRPO (Med-R1's values; grpo.py has the equations)
     num_generations: int = 8  # G completions per prompt (Med-R1: 4)
     prompts_per_step: int = 16  # prompts per rollout over all ranks (Med-R1: 8)
@@ -74,7 +75,10 @@ class Config:
     # optimisation
     steps: int = 600  # rollouts (GRPO) or batches (SFT)
     epochs: float = 0  # > 0: steps = epochs x training questions / prompts_per_step
-    lr: float = 0.0  # peak lr, decayed linearly to 0; 0 = 5e-4 tiny model, 1e-6 (Med-R1) else
+    lr: float = 0.0  # peak lr; 0 = 5e-4 for the tiny model, else 1e-6 (Med-R1's GRPO)
+    lr_schedule: Literal["linear", "cosine"] = "linear"  # decay to 0 after the warm-up
+    warmup_ratio: float = 0.0  # the lr rises from 0 over this share of the updates
+    accumulation_steps: int = 1  # SFT: a step's prompts in this many passes, one update
     weight_decay: float = 0.0  # AdamW weight decay (Med-R1: 0)
     grad_clip: float = 1.0  # max gradient norm
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # compute; auto: bf16 on CUDA
@@ -106,22 +110,18 @@ class Config:
 
 # Every number's allowed range, checked in one place (resolve); a Literal field's values too.
 LIMITS = {
+    **dict.fromkeys(["num_generations", "prompts_per_step", "num_iterations", "minibatches",
+                     "max_new_tokens", "steps", "accumulation_steps", "keep_checkpoints"],
+                    common.AT_LEAST_1),
+    **dict.fromkeys(["beta", "eps_high", "ref_sync_every", "top_k", "epochs", "lr",
+                     "weight_decay", "image_size", "max_pixels", "eval_every", "eval_size",
+                     "save_every", "rollouts_every", "lora_rank", "lora_alpha"], common.AT_LEAST_0),
+    **dict.fromkeys(["temperature", "grad_clip"], common.ABOVE_0),
+    **dict.fromkeys(["eps_low", "warmup_ratio"], (lambda v: 0 <= v < 1, "in [0, 1)")),
+    **dict.fromkeys(["ref_sync_alpha", "top_p"], (lambda v: 0 < v <= 1, "in (0, 1]")),
     "modalities": common.names_in(sources.MODALITIES),
     "question_types": common.names_in(sources.QUESTION_TYPES),
     "rewards": common.names_in(rewards.REWARDS),
-    "num_generations": common.AT_LEAST_1, "prompts_per_step": common.AT_LEAST_1,
-    "beta": common.AT_LEAST_0, "eps_low": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "eps_high": common.AT_LEAST_0, "num_iterations": common.AT_LEAST_1,
-    "minibatches": common.AT_LEAST_1, "ref_sync_every": common.AT_LEAST_0,
-    "ref_sync_alpha": (lambda v: 0 < v <= 1, "in (0, 1]"), "temperature": common.ABOVE_0,
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "top_k": common.AT_LEAST_0,
-    "max_new_tokens": common.AT_LEAST_1, "steps": common.AT_LEAST_1,
-    "epochs": common.AT_LEAST_0, "lr": common.AT_LEAST_0, "weight_decay": common.AT_LEAST_0,
-    "grad_clip": common.ABOVE_0, "image_size": common.AT_LEAST_0,
-    "max_pixels": common.AT_LEAST_0, "eval_every": common.AT_LEAST_0,
-    "eval_size": common.AT_LEAST_0, "save_every": common.AT_LEAST_0,
-    "keep_checkpoints": common.AT_LEAST_1, "rollouts_every": common.AT_LEAST_0,
-    "lora_rank": common.AT_LEAST_0, "lora_alpha": common.AT_LEAST_0,
 }
 # Non-finite updates are skipped; this many in a row stop the run.
 MAX_SKIPPED_STEPS = 5
@@ -149,6 +149,9 @@ def resolve(cfg: Config, world: int) -> Config:
     if cfg.lora_rank:
         cfg.lora_alpha = cfg.lora_alpha or 2 * cfg.lora_rank
         cfg.freeze_vision_tower = cfg.freeze_projector = True
+    if cfg.algo == "grpo" and (cfg.sft_format != "answer" or cfg.accumulation_steps > 1):
+        raise SystemExit("--sft_format and --accumulation_steps are --algo sft's (GRPO's "
+                         "updates are split by --minibatches)")
     if cfg.minibatches > cfg.prompts_per_step:
         raise SystemExit(f"--minibatches {cfg.minibatches} exceeds --prompts_per_step "
                          f"{cfg.prompts_per_step}")
@@ -173,32 +176,26 @@ def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple
     policy = modellib.load_model(policy_path or path)
     if cfg.lora_rank and not policy_path:
         lora.add_adapters(policy, str(Path(path).resolve()), cfg.lora_rank, cfg.lora_alpha)
-    for name, param in policy.model.visual.named_parameters():
-        projector = name.startswith(modellib.PROJECTOR_PREFIXES)
-        if cfg.freeze_projector if projector else cfg.freeze_vision_tower:
-            param.requires_grad_(False)
+    modellib.freeze_vision(policy, cfg.freeze_vision_tower, cfg.freeze_projector)
     policy.to(device)
     if cfg.grad_checkpointing:
         modellib.enable_grad_checkpointing(policy)
     modellib.shard(policy, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
-    reference = None
-    if cfg.beta != 0 and cfg.algo == "grpo" and cfg.lora_rank:
-        reference = policy
-    elif cfg.beta != 0 and cfg.algo == "grpo":
-        # The reference never trains, so it is stored in the compute dtype (bf16 halves its memory).
-        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        reference = modellib.load_model(path, dtype).to(device).requires_grad_(False)
-        modellib.shard(reference, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
+    if cfg.beta == 0 or cfg.algo != "grpo":
+        return policy, None
+    if cfg.lora_rank:
+        return policy, policy
+    # The reference never trains, so it is stored in the compute dtype (bf16 halves its memory).
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    reference = modellib.load_model(path, dtype).to(device).requires_grad_(False)
+    modellib.shard(reference, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
     return policy, reference
 
 
 def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, samples: list[dict],
                    decoding: sampler.Decoding, generator: torch.Generator) -> tuple[dict, dict]:
     """One GRPO step on this rank's B prompts: rollout -> rewards -> advantages and updates.
-
-    Returns the step's metrics and the first prompt's completions with their
-    rewards (for rollouts.jsonl).
-    """
+    Returns the metrics, and the first prompt's completions and rewards (rollouts.jsonl)."""
     rank, world, G = dist.get_rank(), dist.get_world_size(), cfg.num_generations
     device = common.collective_device()
     start = time.time()
@@ -250,19 +247,17 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
 
     mask = rollout.completion_mask  # (N, T)
     if cfg.mask_truncated:
-        # Truncated rows get no loss.
-        mask = mask * ~rollout.truncated.unsqueeze(1)  # (N, T)
+        mask = mask * ~rollout.truncated.unsqueeze(1)  # (N, T), none on truncated rows
     rows = torch.arange(N)
     if cfg.filter_zero_std:
         # Only groups with a reward spread train.
         rows = rows[~zero_std.repeat_interleave(G)]
-    ids = rollout.completion_ids
 
     def logprobs_of(model, group_rows):
         """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T)."""
         group_prompts = inputs.select_rows(prompts, group_rows[::G] // G)
-        return modellib.token_logprobs(model, group_prompts, ids[group_rows], mask[group_rows],
-                                       cfg.temperature, group_size=G)
+        return modellib.token_logprobs(model, group_prompts, rollout.completion_ids[group_rows],
+                                       mask[group_rows], cfg.temperature, group_size=G)
 
     # Minibatch k holds the prompts whose index in the whole step is k modulo the
     # number of minibatches, so each update sees the same rows on any number of ranks.
@@ -278,11 +273,10 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         with torch.no_grad(), lora.adapters_off(reference):
             ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
 
-    # With one update per rollout the old policy is the current one: ratio exactly 1.
-    # Otherwise it is the policy that sampled. In fp32 the sampler's log-probs are the
-    # training forward's (to 1e-5, tested); in bf16 the sampler rounds differently (other
-    # batch shapes, cache length and kernels), which the ratio would read as a policy change,
-    # so the training forward recomputes them, without gradients, before the first update.
+    # With one update per rollout the old policy is the current one: ratio exactly 1. Else it
+    # is the sampler's, whose log-probs are the training forward's in fp32 (tested); in bf16
+    # they round differently (other shapes and kernels), so the training forward recomputes
+    # them, without gradients, before the first update.
     on_policy = cfg.num_iterations == 1 and cfg.minibatches == 1
     old_logprobs = rollout.logprobs  # (N, T)
     if not on_policy and cfg.dtype == "bf16":
@@ -304,7 +298,9 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                 logprobs, old, ref, advantages[chunk], chunk_mask, beta=cfg.beta,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
                 max_completion_length=cfg.max_new_tokens, denominator=denominator)
-            metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule, loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule)
             metrics["loss"] = loss.item()
             updates.append((metrics, chunk_mask.sum().item()))
     return {**common.update_sums(updates), "zero_std_groups": zero_std.float().mean().item(),
@@ -319,24 +315,41 @@ def rows_or_stand_in(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, float]:
 
 
 def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple:
-    """One step of the supervised baseline: the gold answer tag is the whole target."""
+    """One step of the supervised baseline, its prompts in accumulation_steps passes: on the
+    gold answer tag after our prompt (sft_format answer), or Med-R1's released SFT (medr1)."""
     device = common.collective_device()
-    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size).to(device)
-    targets = [f"<answer>{s['answer']}</answer>" for s in samples]
-    # Targets differ in length from rank to rank: the mean is over every rank's tokens.
-    loss = modellib.sft_loss(policy, processor.tokenizer, prompts, targets, all_ranks=True)
-    grad_norm = optimizer_step(cfg, policy, optimizer, schedule, loss)
-    return {"loss": loss.item(), "grad_norm": grad_norm}, None
+    optimizer.zero_grad(set_to_none=True)
+    nll, count, passes = 0.0, 0, min(cfg.accumulation_steps, len(samples))
+    for k in range(passes):
+        piece = samples[k::passes]
+        if cfg.sft_format == "medr1":
+            batch, loss_mask = data.medr1_sft_batch(piece, processor, cfg.image_size)
+            piece_nll, piece_count = modellib.sequence_nll(policy, batch.to(device),
+                                                           loss_mask.to(device))
+        else:
+            prompts = data.collate(piece, processor, cfg.prompt_mode, cfg.image_size)
+            targets = [f"<answer>{s['answer']}</answer>" for s in piece]
+            piece_nll, piece_count = modellib.sft_nll(policy, processor.tokenizer,
+                                                      prompts.to(device), targets)
+        # Gradients add up over the passes.
+        piece_nll.backward()
+        nll, count = nll + piece_nll.item(), count + piece_count
+    # Targets differ in length from rank to rank, and FSDP averages the ranks' gradients: over
+    # the mean count per rank, the gradient is that of the mean over every rank's tokens.
+    mean_count = common.reduce_over_ranks({"count": count})["count"]
+    for param in policy.parameters():
+        if param.grad is not None:
+            param.grad /= mean_count
+    grad_norm = optimizer_step(cfg, policy, optimizer, schedule)
+    return {"loss": nll / mean_count, "grad_norm": grad_norm}, None
 
 
-def optimizer_step(cfg, policy, optimizer, schedule, loss) -> float:
-    """Backward, clip, step, schedule; returns the gradient norm before clipping.
+def optimizer_step(cfg, policy, optimizer, schedule) -> float:
+    """Clip the gradients, step, schedule; returns the gradient norm before clipping.
 
     A non-finite loss or gradient skips the update (the caller counts it). The
     norm is over all ranks' shards, so every rank skips alike.
     """
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     # A zero gradient (no row trained) skips too: AdamW's momentum would still move the weights.
     if torch.isfinite(grad_norm) and grad_norm > 0:
@@ -377,8 +390,8 @@ def main():
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1
     trained = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 1 - k / (cfg.steps * updates_per_step))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: common.lr_factor(
+        k, cfg.steps * updates_per_step, cfg.lr_schedule, cfg.warmup_ratio))
     # Every rank walks the same shuffled order and takes its slice of each step's prompts.
     order_rng = torch.Generator().manual_seed(cfg.seed)
     sampling_rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -388,8 +401,7 @@ def main():
         order, start_step, base_accuracy = checkpoint.resume(
             resume_from, policy, optimizer, reference, schedule, rngs,
             dataclasses.asdict(cfg), train_samples)
-    # Saved with every checkpoint: the config, and what it trained on (eval.py counts the test
-    # questions it saw).
+    # Saved with every checkpoint: the config, and what it trained on (eval.py's seen counts).
     described = {"train_config.json": dataclasses.asdict(cfg),
                  "training_data.json": data.training_record(train_samples, root)}
     checkpoint.truncate_logs(out, start_step)
@@ -407,13 +419,9 @@ def main():
 
     def held_out_accuracy(step: int) -> float:
         with common.named_step(step):
-            results = evaluation.evaluate(policy, processor, held_out, cfg.prompt_mode, device,
-                                          max_new_tokens=cfg.max_new_tokens,
-                                          image_size=cfg.image_size, decoder=cfg.decoder)
-        summary = evaluation.summarize(results)
-        print0(f"step {step}: held-out accuracy {summary['accuracy']:.3f} ({summary['questions']} "
-               f"questions, parse failures {summary['parse_failures']:.3f})")
-        return summary["accuracy"]
+            return evaluation.held_out_accuracy(step, policy, processor, held_out, cfg.prompt_mode,
+                                                device, cfg.max_new_tokens, cfg.image_size,
+                                                cfg.decoder)
 
     if base_accuracy is None:
         base_accuracy = held_out_accuracy(0)
@@ -446,9 +454,6 @@ def main():
             log.write("rollouts", {"step": step, **example})
         progress.set_postfix(loss=f"{logged['loss']:.3f}")
         skipped_in_a_row = 0 if math.isfinite(logged["grad_norm"]) else skipped_in_a_row + 1
-        if skipped_in_a_row:
-            print0(f"step {step}: non-finite loss or gradient, update skipped "
-                   f"({skipped_in_a_row} in a row)")
         if skipped_in_a_row >= MAX_SKIPPED_STEPS:
             raise SystemExit(f"{skipped_in_a_row} non-finite updates in a row at step {step}: "
                              "lower --lr, or read the end of metrics.jsonl and rollouts.jsonl")
