@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -53,6 +54,15 @@ def png(size=(40, 30), color=(200, 10, 10)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def write_medr1_split(path: Path, samples: list[dict], root: Path) -> None:
+    """samples written as a Med-R1 split file (image, problem, solution), each image relative to
+    root."""
+    records = [{"image": str(Path(s["images"][0]).relative_to(root.resolve())),
+                "problem": data.problem_text(s), "solution": f"<answer> {s['answer']} </answer>"}
+               for s in samples]
+    path.write_text(json.dumps(records))
 
 
 def encode(processor, samples, sizes, mode="think-after") -> inputs.PromptBatch:

@@ -1,4 +1,5 @@
-"""Bad input gets a clear error naming the file and record; odd but valid images are converted, not rejected."""
+"""Bad input gets a clear error naming the file and record; odd but valid images are converted,
+not rejected."""
 
 import json
 import os
@@ -24,7 +25,8 @@ def good_record(i: int, image: str) -> dict:
 
 @pytest.fixture
 def mixed_root(tmp_path):
-    """A dataset in OmniMedVQA's layout with images of every odd kind, and one record of every bad kind."""
+    """A dataset in OmniMedVQA's layout with images of every odd kind, and one record of every
+    bad kind."""
     images = tmp_path / "Images" / "Mixed"
     images.mkdir(parents=True)
     gray = np.linspace(0, 60000, 64 * 64).reshape(64, 64)
@@ -46,8 +48,8 @@ def mixed_root(tmp_path):
     Image.fromarray(noise).save(images / "full.jpg")
     # A valid header and half the pixels: opening and verify() pass, only decoding fails.
     (images / "truncated.jpg").write_bytes((images / "full.jpg").read_bytes()[:3000])
-    records = [good_record(i, f"Images/Mixed/{name}") for i, name in enumerate([*odd, *[f"plain{i}.png"
-                                                                                         for i in range(6)]])]
+    names = [*odd, *[f"plain{i}.png" for i in range(6)]]
+    records = [good_record(i, f"Images/Mixed/{name}") for i, name in enumerate(names)]
     bad = {
         "missing-image": {"image_path": "Images/Mixed/nowhere.png"},
         "garbage-image": {"image_path": "Images/Mixed/garbage.png"},
@@ -67,42 +69,51 @@ def mixed_root(tmp_path):
     return tmp_path, bad
 
 
-def test_odd_images_are_converted_to_rgb_and_huge_ones_fit_the_budget(mixed_root):
+def test_odd_images_are_converted_to_rgb(mixed_root):
     root, _ = mixed_root
     for name in ["gray16.png", "palette.png", "cmyk.jpg", "rgba.png", "huge.png"]:
         image = inputs.load_image(str(root / "Images" / "Mixed" / name))
         assert image.mode == "RGB"
     gray = np.asarray(inputs.load_image(str(root / "Images" / "Mixed" / "gray16.png")))
     assert gray.min() == 0 and gray.max() == 255  # scaled by its range, not clipped to white
-    assert inputs.load_image(str(root / "Images" / "Mixed" / "huge.png"), 384).size == (384, 384)
+
+
+def test_a_huge_image_is_shrunk_to_the_budget(mixed_root):
+    root, _ = mixed_root
+    huge = str(root / "Images" / "Mixed" / "huge.png")
+    assert inputs.load_image(huge, 384).size == (384, 384)
 
 
 @pytest.mark.parametrize("qid, message", [
     ("missing-image", "no such file"), ("garbage-image", "cannot identify image"),
-    ("truncated-image", "truncated|broken|Truncated"), ("truncated-jpeg", "truncated"), ("escaping-path", "leaves the dataset root"),
+    ("truncated-image", "truncated|broken|Truncated"), ("truncated-jpeg", "truncated"),
+    ("escaping-path", "leaves the dataset root"),
     ("one-option", "at least 2 options"), ("answer-not-an-option", "matches 0 options"),
     ("no-question", "missing field"),
 ])
-def test_each_bad_record_stops_loading_with_a_message_naming_it(mixed_root, qid, message):
+def test_each_bad_record_stops_loading_by_name(mixed_root, qid, message):
     root, bad = mixed_root
     qa = root / "QA_information" / "Open-access" / "Mixed.json"
-    records = [r for r in json.loads(qa.read_text()) if r["question_id"].startswith("ok") or r["question_id"] == qid]
+    records = [r for r in json.loads(qa.read_text())
+               if r["question_id"].startswith("ok") or r["question_id"] == qid]
     qa.write_text(json.dumps(records))
     with pytest.raises(data.DataError, match=message) as error:
         data.check_images(sources.load_omnimedvqa(root))
     assert qid in str(error.value)
 
 
-def test_a_jpeg_cut_after_its_header_passes_verify_but_not_the_check(mixed_root):
+def test_a_jpeg_cut_after_its_header_fails_the_check(mixed_root):
+    """Opening it and PIL's verify() pass: only decoding finds it."""
     root, _ = mixed_root
     with Image.open(root / "Images" / "Mixed" / "truncated.jpg") as image:
         image.verify()  # the header-only check this project used to rely on
     assert "truncated" in data.image_error(str(root / "Images" / "Mixed" / "truncated.jpg"))
 
 
-def test_skip_bad_records_trains_on_the_rest_and_counts_them(mixed_root, tiny_path, tmp_path):
+def test_bad_records_stop_training_unless_skipped(mixed_root, tiny_path, tmp_path):
     root, bad = mixed_root
-    stopped = run_fail(["train.py", "--data", str(root), "--steps", "1", *SMALL, "--output_dir", str(tmp_path)])
+    stopped = run_fail(["train.py", "--data", str(root), "--steps", "1", *SMALL,
+                        "--output_dir", str(tmp_path)])
     assert "Mixed.json, record 'escaping-path'" in stopped  # the first bad record in the file
     # Two ranks: each decodes half of the images, and both must skip all the bad ones.
     out = run(["train.py", "--data", str(root), "--steps", "2", *SMALL, "--prompts_per_step", "2",
@@ -121,7 +132,7 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize("content, message", BAD_FILES)
-def test_a_file_that_is_not_a_list_of_records_is_named(tmp_path, content, message):
+def test_a_file_not_a_list_of_records_is_named(tmp_path, content, message):
     qa = tmp_path / "QA_information" / "Open-access"
     qa.mkdir(parents=True)
     (qa / "Broken.json").write_bytes(content)
@@ -133,7 +144,8 @@ def test_a_file_that_is_not_a_list_of_records_is_named(tmp_path, content, messag
 def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
     qa = tmp_path / "QA_information" / "Open-access"
     qa.mkdir(parents=True)
-    (qa / "Bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([good_record(0, "Images/x.png")]).encode())
+    record = json.dumps([good_record(0, "Images/x.png")])
+    (qa / "Bom.json").write_bytes(b"\xef\xbb\xbf" + record.encode())
     assert [s["id"] for s in sources.load_omnimedvqa(tmp_path)] == ["ok-0"]
 
 
@@ -164,22 +176,27 @@ def test_a_field_of_the_wrong_kind_is_refused_by_name(tmp_path, change, message)
     ({"problem": 3}, "problem must be a string"),
 ])
 def test_a_split_file_record_obeys_the_same_rules(tmp_path, change, message):
-    record = {"image": "Images/x.png", "problem": "Which? A)CT, B)MRI", "solution": "<answer> A </answer>"}
+    record = {"image": "Images/x.png", "problem": "Which? A)CT, B)MRI",
+              "solution": "<answer> A </answer>"}
     path = tmp_path / "X-Ray_test.json"
     path.write_text(json.dumps([{**record, **change}]))
     with pytest.raises(data.DataError, match=message) as error:
         sources.load_medr1_split(path, image_root=tmp_path)
     assert "X-Ray_test.json, record 0" in str(error.value)
     with pytest.raises(data.DataError, match="cannot be read"):
-        sources.load_medr1_split(tmp_path / "CT(Computed Tomography)_test.json", image_root=tmp_path)
+        sources.load_medr1_split(tmp_path / "CT(Computed Tomography)_test.json",
+                                 image_root=tmp_path)
 
 
-def test_nan_pixels_do_not_blacken_a_float_image_and_a_fifo_is_refused(tmp_path):
+def test_nan_pixels_do_not_blacken_a_float_image(tmp_path):
     pixels = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     pixels[0, 0] = np.nan
     Image.fromarray(pixels, mode="F").save(tmp_path / "float.tiff")
     gray = np.asarray(inputs.load_image(str(tmp_path / "float.tiff")))[..., 0]
     assert gray[0, 0] == 0 and gray[-1, -1] == 255 and gray[16, 16] not in (0, 255)
+
+
+def test_a_fifo_is_no_image(tmp_path):
     os.mkfifo(tmp_path / "fifo.png")
     with pytest.raises(data.DataError, match="not a regular file"):
         data.check_images([{"id": "q", "images": [str(tmp_path / "fifo.png")]}])
@@ -239,7 +256,7 @@ BAD_SETS = [
 
 
 @pytest.mark.parametrize("files, message", BAD_SETS)
-def test_a_bad_file_of_a_set_is_named_with_its_record_and_the_real_cause(tmp_path, files, message):
+def test_a_bad_file_in_a_set_is_named_with_its_cause(tmp_path, files, message):
     Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
     (tmp_path / "images").mkdir()
     Image.new("RGB", (20, 20)).save(tmp_path / "images" / "p.jpg")
@@ -252,7 +269,7 @@ def test_a_bad_file_of_a_set_is_named_with_its_record_and_the_real_cause(tmp_pat
     assert f"{tmp_path}/{message.format(folder=tmp_path)}" in str(error.value)
 
 
-def test_a_second_record_with_an_id_is_dropped_and_counted_with_skip_bad_records(tmp_path):
+def test_a_repeated_id_stops_loading_unless_skipped(tmp_path):
     qa = tmp_path / "QA_information" / "Open-access"
     qa.mkdir(parents=True)
     records = [good_record(0, "Images/x.png"), good_record(1, "Images/x.png"),
@@ -266,7 +283,7 @@ def test_a_second_record_with_an_id_is_dropped_and_counted_with_skip_bad_records
     assert len(errors) == 1
 
 
-def test_eval_finds_every_adapters_base_model_before_evaluating_any_checkpoint(tmp_path):
+def test_eval_checks_every_adapters_base_model_first(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "adapter").mkdir()

@@ -42,15 +42,20 @@ def assert_same_rollout(ours, dynamic):
     torch.testing.assert_close(ours.entropy, dynamic.entropy, rtol=0, atol=1e-5)
 
 
-def test_static_decoder_gives_the_dynamic_tokens_and_the_training_forwards_logprobs(
-        any_model, mixed_samples):
+def test_static_decoder_draws_the_dynamic_rollout(any_model, mixed_samples):
+    """The same tokens and log-probs as the dynamic decoder, and those are the training
+    forward's."""
     model, processor = any_model
     batch = encode(processor, mixed_samples, SIZES["different"])
     assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
     seen, text = [], model.config.get_text_config()
-    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
-        (kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[1],
-         type(kwargs["past_key_values"]), text._attn_implementation)), with_kwargs=True)
+
+    def note_forward(module, args, kwargs):
+        """Rows, cache width, cache type and attention of each forward."""
+        seen.append((kwargs["input_ids"].shape[0], kwargs["attention_mask"].shape[1],
+                     type(kwargs["past_key_values"]), text._attn_implementation))
+
+    hook = model.register_forward_pre_hook(note_forward, with_kwargs=True)
     static = rollout(model, batch, "static")
     hook.remove()
     assert_same_rollout(static, rollout(model, batch, "dynamic"))
@@ -69,10 +74,10 @@ def test_static_decoder_gives_the_dynamic_tokens_and_the_training_forwards_logpr
     torch.testing.assert_close(logprobs[mask], static.logprobs[mask], rtol=0, atol=1e-5)
 
 
-def test_graph_decoder_compiles_in_one_piece_under_fsdp2_and_gives_the_same_tokens(
-        tiny, mixed_samples, single_process_group):
+def test_graph_decoder_compiles_whole_under_fsdp2(tiny, mixed_samples, single_process_group):
     """fullgraph=True in the graph decoder: a break in the graph (an FSDP hook left in
-    place, say) fails here. On the CPU there is no CUDA graph: this is torch.compile."""
+    place, say) fails here. On the CPU there is no CUDA graph: this is torch.compile. It
+    draws the dynamic decoder's tokens."""
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
     dynamic = rollout(model, batch, "dynamic", top_k=20)
@@ -92,7 +97,7 @@ def test_graph_decoder_compiles_in_one_piece_under_fsdp2_and_gives_the_same_toke
     torch.testing.assert_close(logprobs[mask], dynamic.logprobs[mask], rtol=0, atol=1e-5)
 
 
-def test_one_token_attention_is_attention_over_repeated_key_value_heads():
+def test_one_token_attention_repeats_kv_heads():
     """Oracle: each key/value head repeated for the query heads that share it."""
     torch.manual_seed(0)
     n, heads, kv_heads, length, d = 3, 6, 2, 9, 4
@@ -110,7 +115,7 @@ def test_one_token_attention_is_attention_over_repeated_key_value_heads():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_samples, monkeypatch):
+def test_graph_decoder_replays_cuda_graphs(tiny, mixed_samples, monkeypatch):
     """On a GPU the graph decoder records a CUDA graph per decode batch and replays it."""
     model, processor = tiny
     model.cuda()
@@ -130,12 +135,17 @@ def test_graph_decoder_replays_cuda_graphs_to_the_same_tokens(tiny, mixed_sample
     assert recorded[0] == 3 * G and len(recorded) >= 3 and recorded == sorted(recorded)[::-1]
 
 
-def test_an_unknown_decoder_and_the_graph_decoder_on_sliding_window_layers_are_refused(tiny):
+def test_an_unknown_decoder_is_refused(tiny):
     model, _ = tiny
     mask = torch.ones(2, 5, dtype=torch.long)  # (B, P)
     with pytest.raises(ValueError, match="'fast': one of"):
         sampler.decode_batch(model, None, mask, "fast", 10)
-    sampler.decode_batch(model, None, mask, "graph", 10)
+
+
+def test_graph_decoder_refuses_sliding_window_layers(tiny):
+    model, _ = tiny
+    mask = torch.ones(2, 5, dtype=torch.long)  # (B, P)
+    sampler.decode_batch(model, None, mask, "graph", 10)  # full attention: taken
     text = model.config.get_text_config()
     text.layer_types = ["sliding_attention"] * text.num_hidden_layers
     with pytest.raises(ValueError, match="does not run sliding-window layers"):
@@ -154,7 +164,7 @@ def test_fsdp_hooks_come_back_when_sampling_fails(tiny, mixed_samples, single_pr
     assert [dict(unit._forward_pre_hooks) for unit in units] == hooks and all(hooks)
 
 
-def test_two_ranks_on_the_static_decoder_train_like_one_on_the_dynamic_one(tiny_path, tmp_path):
+def test_static_on_two_ranks_trains_like_dynamic_on_one(tiny_path, tmp_path):
     """FSDP2 over 2 gloo ranks, the decode loop on gathered weights without FSDP's hooks:
     the same completions (rollouts.jsonl), rewards, losses and weights as one process on
     the dynamic decoder."""

@@ -34,7 +34,7 @@ def flat(config: dict, prefix: str = "") -> dict:
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_toy_config_differs_from_the_published_one_only_in_sizes_and_token_ids(tiny, name):
+def test_a_toy_config_changes_only_sizes_and_token_ids(tiny, name):
     _, processor = tiny
     family = FAMILIES[name]
     published, toy = flat(family.config), flat(toy_config(family, processor.tokenizer))
@@ -60,7 +60,7 @@ def test_toy_config_differs_from_the_published_one_only_in_sizes_and_token_ids(t
 
 
 @pytest.mark.parametrize("name, expected", [("qwen2.5-vl", 196), ("qwen3-vl", 144)])
-def test_the_image_budget_is_really_applied(tiny, tmp_path, name, expected):
+def test_each_familys_pixel_budget_is_applied(tiny, tmp_path, name, expected):
     """384 x 384 with max_pixels 401408, by smart_resize's rule (each side rounded to a multiple
     of patch x merge; the area is within the budget, so nothing shrinks):
     Qwen2.5-VL: 384 / 28 = 13.7 -> 14 -> 392 pixels, (392 / 28)^2 = 14 x 14 = 196 tokens.
@@ -76,7 +76,7 @@ def test_the_image_budget_is_really_applied(tiny, tmp_path, name, expected):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_folder_laid_out_like_the_published_one_loads(tiny, dataset_root, tmp_path, name):
+def test_a_published_style_folder_loads(tiny, dataset_root, tmp_path, name):
     """Published config.json layout, sharded safetensors, chat_template.json, the published
     preprocessor keys: the same model, tokenizer and processor come back."""
     _, processor = tiny
@@ -103,8 +103,7 @@ def test_folder_laid_out_like_the_published_one_loads(tiny, dataset_root, tmp_pa
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_freeze_projector_freezes_every_merger_into_the_language_model(tiny, tmp_path, name,
-                                                                       single_process_group):
+def test_freeze_projector_freezes_every_merger(tiny, tmp_path, name, single_process_group):
     """--freeze_projector: the patch merger's parameters, and Qwen3-VL's deepstack mergers',
     stop training; the rest of the vision tower trains on."""
     _, processor = tiny
@@ -121,7 +120,7 @@ def test_freeze_projector_freezes_every_merger_into_the_language_model(tiny, tmp
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_train_and_eval_run_end_to_end(tiny, tmp_path, name):
+def test_each_family_runs_end_to_end(tiny, tmp_path, name):
     """The published layout -> train.py --algo sft -> 2 GRPO steps -> eval.py, as a user runs them.
 
     The supervised warm-up is there because a random model scores 0 on every

@@ -1,4 +1,5 @@
-"""Runs that survive: exact resume, crash-safe checkpoints, skipped non-finite updates, rewards that fail."""
+"""Runs that survive: exact resume, crash-safe checkpoints, skipped non-finite updates, rewards
+that fail."""
 
 import json
 import os
@@ -28,11 +29,13 @@ from helpers import SMALL, metrics, run, run_fail
 
 @pytest.mark.parametrize("switches", [[], ["--ref_sync_every", "2"], ["--lora_rank", "4"]],
                          ids=["frozen-ref", "refreshed-ref", "lora"])
-def test_resume_gives_the_same_weights_and_completions_as_training_straight(tiny_path, tmp_path, switches):
+def test_a_resumed_run_equals_one_trained_straight(tiny_path, tmp_path, switches):
     args = ["train.py", "--steps", "6", "--save_every", "3", *SMALL, *switches]
     run([*args, "--output_dir", str(tmp_path / "straight")])
-    # The second half alone, from the straight run's step-3 checkpoint, on the same one rank: bit-exact.
-    out = run([*args, "--output_dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "straight" / "step-3")])
+    # The second half alone, from the straight run's step-3 checkpoint, on the same one rank:
+    # bit-exact.
+    out = run([*args, "--output_dir", str(tmp_path / "resumed"),
+               "--resume", str(tmp_path / "straight" / "step-3")])
     assert "resumed from" in out and "not bit-exact" not in out
     straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
@@ -41,22 +44,24 @@ def test_resume_gives_the_same_weights_and_completions_as_training_straight(tiny
     second_half = metrics(tmp_path / "straight")[3:]
     assert [m["step"] for m in metrics(tmp_path / "resumed")] == [4, 5, 6]
     for a, b in zip(second_half, metrics(tmp_path / "resumed")):
-        assert (a["reward"], a["completion_len"], a["letter_A"]) == (b["reward"], b["completion_len"], b["letter_A"])
+        assert ((a["reward"], a["completion_len"], a["letter_A"])
+                == (b["reward"], b["completion_len"], b["letter_A"]))
 
 
-def test_resume_auto_takes_the_newest_checkpoint_and_another_rank_count_says_so(tiny_path, tmp_path):
+def test_resume_auto_takes_the_newest_checkpoint(tiny_path, tmp_path):
+    """Of those kept (the newest 2 of 3), and on another rank count it says it is not bit-exact."""
     args = ["train.py", "--steps", "4", "--save_every", "1", "--keep_checkpoints", "2", *SMALL,
             "--output_dir", str(tmp_path)]
     run(args)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]  # the newest 2 of 3
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-2", "step-3"]
     (tmp_path / "metrics.jsonl").unlink()
     out = run([*args, "--resume", "auto"], nproc=2)
     assert "resumed from" in out and "step-3" in out and "not bit-exact" in out
     assert [m["step"] for m in metrics(tmp_path)] == [4]
 
 
-def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_loadable(tiny, tmp_path, single_process_group,
-                                                                          monkeypatch):
+def test_a_failed_save_leaves_the_last_checkpoint_whole(tiny, tmp_path, single_process_group,
+                                                        monkeypatch):
     model, processor = tiny
     modellib.shard(model, bf16=False)
     checkpoint.save(model, processor, tmp_path / "final", {"train_config.json": {"version": 1}})
@@ -83,7 +88,7 @@ def test_trainer_state_loads_without_unpickling_objects(tiny_path, tmp_path):
     assert state["step"] == 1 and "optimizer" in state and state["world"] == 1
 
 
-def test_a_non_finite_loss_skips_one_update_and_training_goes_on(tiny_path, tmp_path, monkeypatch):
+def test_a_non_finite_loss_skips_only_its_update(tiny_path, tmp_path, monkeypatch):
     import grpo
 
     calls = {"n": 0}
@@ -122,63 +127,71 @@ def test_several_non_finite_updates_in_a_row_stop_the_run(tiny_path, tmp_path, m
     torch.distributed.destroy_process_group()
 
 
-def test_a_reward_that_raises_names_itself_and_the_sample(monkeypatch):
+def test_a_failing_reward_is_named_with_its_sample(monkeypatch):
     def broken(completion, sample):
         raise KeyError("gold")
 
     monkeypatch.setitem(rewards.REWARDS, "broken", broken)
     with pytest.raises(RuntimeError, match="reward 'broken' failed on sample 'q-7'"):
-        rewards.score(["<answer>A</answer>"], [{"id": "q-7", "options": {"A": "x"}, "answer": "A"}], ["broken"],
-                      "no-think")
+        rewards.score(["<answer>A</answer>"], [{"id": "q-7", "options": {"A": "x"}, "answer": "A"}],
+                      ["broken"], "no-think")
 
 
-def test_a_prompt_longer_than_the_limit_stops_before_training(tiny, modality_split):
+def test_a_prompt_over_the_limit_is_refused(tiny, modality_split):
     model, processor = tiny
     sample = modality_split[0][0]
     real_length = data.collate([sample], processor, "think-after").input_ids.shape[1]
     data.check_prompts([sample], processor, "think-after", 384, 0, real_length + 8, 8)
-    with pytest.raises(data.DataError, match=f"longer than .*record {sample['id']!r} with {real_length} tokens"):
+    message = f"longer than .*record {sample['id']!r} with {real_length} tokens"
+    with pytest.raises(data.DataError, match=message):
         data.check_prompts([sample], processor, "think-after", 384, 0, real_length + 7, 8)
 
 
-def test_prompts_beyond_the_models_positions_stop_train_and_eval(tiny_path, tmp_path):
+def test_prompts_past_the_models_positions_stop_both_scripts(tiny_path, tmp_path):
     """The tiny model has 4096 positions: 4090 new tokens leave too few for any prompt."""
-    for args in (["train.py", "--output_dir", str(tmp_path)], ["eval.py", "--checkpoints", str(tiny_path)]):
+    for args in (["train.py", "--output_dir", str(tmp_path)],
+                 ["eval.py", "--checkpoints", str(tiny_path)]):
         stopped = subprocess.run([sys.executable, *args, "--max_new_tokens", "4090"], cwd=REPO,
                                  capture_output=True, text=True, timeout=300)
         assert stopped.returncode != 0
-        assert "longer than the model's 4096 positions less --max_new_tokens (6 tokens)" in stopped.stderr
+        message = "longer than the model's 4096 positions less --max_new_tokens (6 tokens)"
+        assert message in stopped.stderr
 
 
-def test_a_jpeg_cut_in_its_pixels_stops_two_ranks_before_training(tiny_path, tmp_path):
+def test_a_cut_jpeg_stops_both_ranks_before_training(tiny_path, tmp_path):
     """Its header is fine, so only decoding finds it: the rank that decodes it tells the other,
     and both stop with the message before any step (rank 0 must not wait forever)."""
     images = tmp_path / "Images" / "X"
     images.mkdir(parents=True)
     for name in ("a", "b", "c"):
         Image.new("RGB", (56, 56), (200, 20, 20)).save(images / f"{name}.png")
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / "cut.jpg")
-    (images / "cut.jpg").write_bytes((images / "cut.jpg").read_bytes()[:1500])  # cut in the pixel data
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(images / "cut.jpg")
+    # Cut in the pixel data.
+    (images / "cut.jpg").write_bytes((images / "cut.jpg").read_bytes()[:1500])
 
     def split(names):
         return [{"image": f"Images/X/{n}", "problem": "Which modality? A)CT, B)MRI",
                  "solution": "<answer> A </answer>"} for n in names]
 
-    (tmp_path / "CT(Computed Tomography)_train.json").write_text(json.dumps(split(["a.png", "cut.jpg"])))
-    (tmp_path / "CT(Computed Tomography)_test.json").write_text(json.dumps(split(["b.png", "c.png"])))
+    train_split = tmp_path / "CT(Computed Tomography)_train.json"
+    test_split = tmp_path / "CT(Computed Tomography)_test.json"
+    train_split.write_text(json.dumps(split(["a.png", "cut.jpg"])))
+    test_split.write_text(json.dumps(split(["b.png", "c.png"])))
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-         "--data", str(tmp_path), "--train_split", str(tmp_path / "CT(Computed Tomography)_train.json"),
-         "--test_split", str(tmp_path / "CT(Computed Tomography)_test.json"), "--steps", "2", "--prompts_per_step",
-         "2", "--num_generations", "2", "--eval_every", "0", "--output_dir", str(tmp_path / "out")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "train.py", "--data", str(tmp_path), "--train_split", str(train_split),
+         "--test_split", str(test_split), "--steps", "2", "--prompts_per_step", "2",
+         "--num_generations", "2", "--eval_every", "0", "--output_dir", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     assert "record 'CT(Computed Tomography)_train#1': image" in done.stdout + done.stderr
     assert "cut.jpg: image file is truncated" in done.stdout + done.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
-def test_a_model_with_nan_weights_stops_sampling_with_a_clear_error(tiny, modality_split):
+def test_nan_weights_stop_sampling_with_a_clear_error(tiny, modality_split):
     model, processor = tiny
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
@@ -192,20 +205,21 @@ def test_a_model_with_nan_weights_stops_sampling_with_a_clear_error(tiny, modali
             sampler.sample(model, prompts, 2, sampler.Decoding(4), generator=torch.Generator())
 
 
-def test_a_second_run_in_a_folder_stops_unless_it_resumes_or_overwrites(tiny_path, tmp_path):
+def test_a_used_folder_needs_resume_or_overwrite(tiny_path, tmp_path):
     args = ["train.py", "--steps", "2", "--save_every", "1", *SMALL, "--output_dir", str(tmp_path)]
     run(args)
-    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode != 0 and f"--output_dir {tmp_path} holds a run" in done.stderr
     assert "--overwrite true" in done.stderr and [m["step"] for m in metrics(tmp_path)] == [1, 2]
     run([*args, "--overwrite", "true"])
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2]  # the old run's lines are gone
 
 
-def test_a_live_run_keeps_its_folder_until_killed_and_a_file_is_no_folder(tiny_path, tmp_path):
+def test_a_live_run_keeps_its_folder_until_killed(tiny_path, tmp_path):
     args = ["train.py", *SMALL, "--save_every", "1", "--output_dir", str(tmp_path / "run")]
-    live = subprocess.Popen([sys.executable, *args, "--steps", "10000"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    live = subprocess.Popen([sys.executable, *args, "--steps", "10000"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
@@ -217,13 +231,16 @@ def test_a_live_run_keeps_its_folder_until_killed_and_a_file_is_no_folder(tiny_p
         live.kill()  # SIGKILL: no cleanup, the kernel drops the lock
         live.wait()
     assert "resumed from" in run([*args, "--steps", "3", "--resume", "auto"])
+
+
+def test_a_file_is_no_output_folder(tmp_path):
     (tmp_path / "file").write_text("")
     for out in (tmp_path / "file", tmp_path / "file" / "below"):
         stopped = run_fail(["train.py", "--output_dir", str(out)])
         assert f"--output_dir {out}: cannot write there" in stopped
 
 
-def test_resume_auto_passes_over_a_cut_checkpoint_and_logs_each_step_once(tiny_path, tmp_path):
+def test_resume_auto_survives_a_crash_mid_save(tiny_path, tmp_path):
     args = ["train.py", "--steps", "4", "--save_every", "1", "--keep_checkpoints", "3", *SMALL,
             "--output_dir", str(tmp_path)]
     run(args)
@@ -250,20 +267,22 @@ def test_a_checkpoint_with_weights_cut_short_is_incomplete(tiny_path, tmp_path):
         checkpoint.resume_folder(str(folder), tmp_path)
 
 
-def test_two_processes_building_the_default_at_once_both_get_it_whole(dataset_root, tmp_path):
+def test_two_concurrent_builds_both_get_the_default(dataset_root, tmp_path):
     """Two runs started together on an empty cache: each builds in a folder of its own."""
-    script = ("import sys, tiny; root = tiny.make_synthetic(sys.argv[1] + '/data', images_per_modality=4); "
+    script = ("import sys, tiny; "
+              "root = tiny.make_synthetic(sys.argv[1] + '/data', images_per_modality=4); "
               "tiny.build_tiny(sys.argv[1] + '/model', root, warmup_steps=1); print('built')")
     builds = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outputs = [build.communicate(timeout=600) for build in builds]
     assert [build.returncode for build in builds] == [0, 0], outputs
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]  # no build folder left behind
+    # No build folder left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]
     assert len(sources.load_omnimedvqa(tmp_path / "data")) > 0
     assert modellib.load_model(tmp_path / "model") is not None
 
 
-def test_on_two_ranks_rank_0_builds_the_default_while_the_other_waits(dataset_root, tmp_path):
+def test_rank_0_builds_the_default_while_rank_1_waits(dataset_root, tmp_path):
     """As on a fresh machine: the build runs on rank 0 alone, so it must make no collective
     call (one would wait forever for the other rank, held at the barrier)."""
     script = tmp_path / "build.py"
@@ -279,18 +298,22 @@ def test_on_two_ranks_rank_0_builds_the_default_while_the_other_waits(dataset_ro
     assert done.returncode == 0 and done.stdout.count("built") == 2, done.stderr[-2000:]
 
 
-def test_a_resume_on_other_data_stops_and_changed_settings_are_listed(tiny_path, tmp_path):
+def test_a_resume_says_how_it_differs_from_its_run(tiny_path, tmp_path):
+    """Other questions, or a folder that holds later checkpoints, stop it; changed settings are
+    listed."""
     args = ["train.py", "--steps", "3", "--save_every", "1", *SMALL]
     run([*args, "--output_dir", str(tmp_path / "first")])
     resume = ["--resume", str(tmp_path / "first" / "step-1")]
     done = subprocess.run([sys.executable, *args, *resume, "--modalities", "CT", "--output_dir",
-                           str(tmp_path / "ct")], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "ct")], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode != 0 and "it trained on other questions than these" in done.stderr
     # Into its own folder, which holds step-2 of the run it leaves behind.
     done = subprocess.run([sys.executable, *args, *resume, "--output_dir", str(tmp_path / "first")],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "also holds the later checkpoints step-2;" in done.stderr
-    out = run([*args, *resume, "--lr", "0.0002", "--steps", "2", "--output_dir", str(tmp_path / "lr")])
+    out = run([*args, *resume, "--lr", "0.0002", "--steps", "2",
+               "--output_dir", str(tmp_path / "lr")])
     # --steps sets the learning-rate schedule's length: a change is a change of what is trained.
     assert "resuming with changed settings: " in out
     assert "lr 0.0005 -> 0.0002" in out and "steps 3 -> 2" in out

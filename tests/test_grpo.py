@@ -12,7 +12,7 @@ F64 = torch.float64
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0], dtype=F64)
 
 
-def test_group_advantages_normalise_each_group_by_its_bessel_std():
+def test_advantages_divide_by_each_groups_bessel_std():
     # Group 1: mean 0.5, deviations +-0.5, std = sqrt(4 * 0.5**2 / 3) = sqrt(1/3).
     a = 0.5 / (math.sqrt(1 / 3) + 1e-4)
     expected = torch.tensor([a, -a, -a, a, 0, 0, 0, 0], dtype=F64)
@@ -21,17 +21,18 @@ def test_group_advantages_normalise_each_group_by_its_bessel_std():
     assert torch.equal(advantages[4:], torch.zeros(4, dtype=F64))
 
 
-def test_group_advantages_without_scale_are_only_centered():
+def test_unscaled_advantages_are_only_centered():
     expected = torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0], dtype=F64)
     torch.testing.assert_close(group_advantages(REWARDS, 4, scale="none"), expected, rtol=0, atol=0)
 
 
-def test_group_advantages_with_batch_scale_divide_by_the_std_of_all_rewards():
+def test_batch_scale_divides_by_the_std_of_all_rewards():
     # Batch mean 10/8 = 1.25; squared deviations 4 * 0.0625 ... :
     # (0.25^2 + 1.25^2 + 1.25^2 + 0.25^2) + 4 * 0.75^2 = 3.25 + 2.25 = 5.5, std = sqrt(5.5 / 7).
     a = 0.5 / (math.sqrt(5.5 / 7) + 1e-4)
     expected = torch.tensor([a, -a, -a, a, 0, 0, 0, 0], dtype=F64)
-    torch.testing.assert_close(group_advantages(REWARDS, 4, scale="batch"), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(group_advantages(REWARDS, 4, scale="batch"), expected,
+                               rtol=1e-12, atol=0)
 
 
 def test_group_advantages_reject_an_unknown_scale():
@@ -39,10 +40,11 @@ def test_group_advantages_reject_an_unknown_scale():
         group_advantages(REWARDS, 4, scale="global")
 
 
-def test_kl_k3_matches_hand_values_and_is_zero_at_equality():
+def test_kl_k3_matches_hand_values():
     logprobs = torch.tensor([-1.0, -2.0, -0.7], dtype=F64)
     ref_logprobs = torch.tensor([-2.0, -1.0, -0.7], dtype=F64)
-    # log_ratio = ref - logp: -1 -> exp(-1) + 1 - 1 = exp(-1) ~ 0.3679; +1 -> e - 1 - 1 ~ 0.7183; 0 -> 0.
+    # log_ratio = ref - logp: -1 -> exp(-1) + 1 - 1 = exp(-1) ~ 0.3679; +1 -> e - 1 - 1 ~ 0.7183;
+    # 0 (the policy equals the reference) -> 0.
     expected = torch.tensor([math.exp(-1), math.e - 2, 0.0], dtype=F64)
     torch.testing.assert_close(kl_k3(logprobs, ref_logprobs), expected, rtol=1e-12, atol=0)
 
@@ -56,36 +58,40 @@ def test_kl_k3_is_never_negative():
 # Three completions of lengths 3, 2, 4 padded to T=4. The pad positions hold
 # garbage that the mask must hide.
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=F64)
-LOGPROBS = torch.tensor([[-0.5, -1.0, -2.0, 7.0], [-0.3, -1.5, -9.0, 5.0], [-1.0, -0.2, -0.8, -3.0]], dtype=F64)
+LOGPROBS = torch.tensor([[-0.5, -1.0, -2.0, 7.0], [-0.3, -1.5, -9.0, 5.0],
+                         [-1.0, -0.2, -0.8, -3.0]], dtype=F64)
 ADVANTAGES = torch.tensor([1.0, -0.5, 2.0], dtype=F64)
 # Ratios pi/pi_old per token, set through old_logprobs = logprobs - log(ratio).
-RATIOS = torch.tensor([[1.5, 0.5, 1.1, 9.0], [0.75, 1.5, 3.0, 0.1], [1.0, 1.25, 1.3, 0.9]], dtype=F64)
+RATIOS = torch.tensor([[1.5, 0.5, 1.1, 9.0], [0.75, 1.5, 3.0, 0.1], [1.0, 1.25, 1.3, 0.9]],
+                      dtype=F64)
 # ref - logp per token, chosen so that k3 is 1 - ln 2 (at +ln 2) or ln 2 - 1/2 (at -ln 2).
 LN2 = math.log(2)
 REF_SHIFT = torch.tensor([[LN2, 0, 0, 4.0], [-LN2, 0, -3.0, 2.0], [0, 0, 0, LN2]], dtype=F64)
 
 
-def test_policy_loss_matches_hand_computation_with_clipping_on_both_sides():
-    loss, metrics = policy_loss(
-        LOGPROBS, LOGPROBS - RATIOS.log(), LOGPROBS + REF_SHIFT, ADVANTAGES, MASK, beta=0.1, eps_low=0.2, eps_high=0.28
-    )
+def test_policy_loss_clips_both_sides_as_by_hand():
+    loss, metrics = policy_loss(LOGPROBS, LOGPROBS - RATIOS.log(), LOGPROBS + REF_SHIFT, ADVANTAGES,
+                                MASK, beta=0.1, eps_low=0.2, eps_high=0.28)
     # Clip range [0.8, 1.28]. Per token S = min(rho * A, clip(rho) * A):
-    # row 0, A=+1:   1.5 -> clipped to 1.28 (clip acts); 0.5 -> 0.5 (below range, A>0: unclipped is lower); 1.1 -> 1.1
+    # row 0, A=+1:   1.5 -> clipped to 1.28 (clip acts); 0.5 -> 0.5 (below range, A>0: unclipped
+    #                is lower); 1.1 -> 1.1
     #                mean S = (1.28 + 0.5 + 1.1) / 3 = 2.88 / 3 = 0.96
-    # row 1, A=-0.5: 0.75 -> min(-0.375, 0.8 * -0.5 = -0.4) = -0.4 (clip acts); 1.5 -> min(-0.75, -0.64) = -0.75
+    # row 1, A=-0.5: 0.75 -> min(-0.375, 0.8 * -0.5 = -0.4) = -0.4 (clip acts);
+    #                1.5 -> min(-0.75, -0.64) = -0.75
     #                mean S = (-0.4 - 0.75) / 2 = -0.575
     # row 2, A=+2:   1.0 -> 2.0; 1.25 -> 2.5; 1.3 -> 1.28 * 2 = 2.56 (clip acts); 0.9 -> 1.8
     #                mean S = (2.0 + 2.5 + 2.56 + 1.8) / 4 = 8.86 / 4 = 2.215
     policy_term = -(0.96 - 0.575 + 2.215) / 3  # = -2.6 / 3
     # k3 per sequence: row 0 (1 - ln2) / 3, row 1 (ln2 - 1/2) / 2, row 2 (1 - ln2) / 4.
     kl_term = ((1 - LN2) / 3 + (LN2 - 0.5) / 2 + (1 - LN2) / 4) / 3
-    torch.testing.assert_close(loss, torch.tensor(policy_term + 0.1 * kl_term, dtype=F64), rtol=1e-12, atol=0)
+    expected = torch.tensor(policy_term + 0.1 * kl_term, dtype=F64)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
     # 3 clipped tokens of 9; token-mean k3 = (2 * (1 - ln2) + ln2 - 1/2) / 9 = (1.5 - ln2) / 9.
     assert metrics["clip_frac"] == pytest.approx(3 / 9, rel=1e-12)
     assert metrics["kl"] == pytest.approx((1.5 - LN2) / 9, rel=1e-12)
 
 
-def test_ratio_one_loss_and_gradient_equal_the_unclipped_surrogate():
+def test_at_ratio_one_the_loss_is_the_plain_surrogate():
     logprobs = LOGPROBS.clone().requires_grad_()
     loss, metrics = policy_loss(logprobs, logprobs.detach(), None, ADVANTAGES, MASK, beta=0.0)
     loss.backward()
@@ -110,7 +116,8 @@ def test_zero_variance_group_gives_zero_gradient():
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]] * 2, dtype=F64)
     logprobs = -torch.rand(8, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     logprobs.requires_grad_()
-    loss, _ = policy_loss(logprobs, logprobs.detach(), None, group_advantages(rewards, 4), mask, beta=0.0)
+    advantages = group_advantages(rewards, 4)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), None, advantages, mask, beta=0.0)
     loss.backward()
     assert torch.equal(logprobs.grad[:4], torch.zeros(4, 3, dtype=F64))
     # Group 2 has A = +-0.5 / (sqrt(1/3) + 1e-4), never 0, so every real token moves.
@@ -119,7 +126,8 @@ def test_zero_variance_group_gives_zero_gradient():
 
 def test_kl_term_vanishes_when_policy_equals_reference():
     old_logprobs = LOGPROBS - RATIOS.log()
-    loss, metrics = policy_loss(LOGPROBS, old_logprobs, LOGPROBS.clone(), ADVANTAGES, MASK, beta=0.04)
+    loss, metrics = policy_loss(LOGPROBS, old_logprobs, LOGPROBS.clone(), ADVANTAGES, MASK,
+                                beta=0.04)
     loss_without_kl, _ = policy_loss(LOGPROBS, old_logprobs, None, ADVANTAGES, MASK, beta=0.0)
     assert metrics["kl"] == 0.0
     torch.testing.assert_close(loss, loss_without_kl, rtol=0, atol=0)
@@ -130,24 +138,31 @@ def test_policy_loss_rejects_unknown_loss_type():
         policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="ppo")
 
 
-def test_padded_tokens_get_zero_gradient_and_do_not_change_the_loss():
+def loss_and_gradient(logprobs):
+    """policy_loss (beta 0.1, RATIOS, REF_SHIFT) at these log-probs, and its gradient."""
+    logprobs = logprobs.clone().requires_grad_()
+    old_logprobs = logprobs.detach() - RATIOS.log()
+    loss, _ = policy_loss(logprobs, old_logprobs, logprobs.detach() + REF_SHIFT, ADVANTAGES, MASK,
+                          beta=0.1)
+    loss.backward()
+    return loss, logprobs.grad
+
+
+def test_padded_tokens_get_zero_gradient():
     pad = MASK == 0
-    clean = LOGPROBS.masked_fill(pad, -1.0)
-    losses, grads = [], []
-    for logprobs in (LOGPROBS.clone(), clean.clone()):  # garbage pads, then tidy pads
-        logprobs.requires_grad_()
-        old_logprobs = logprobs.detach() - RATIOS.log()
-        loss, _ = policy_loss(logprobs, old_logprobs, logprobs.detach() + REF_SHIFT, ADVANTAGES, MASK, beta=0.1)
-        loss.backward()
-        losses.append(loss)
-        grads.append(logprobs.grad)
-    assert torch.equal(grads[0][pad], torch.zeros(int(pad.sum()), dtype=F64))
-    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
-    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    _, grad = loss_and_gradient(LOGPROBS)  # garbage in the pads
+    assert torch.equal(grad[pad], torch.zeros(int(pad.sum()), dtype=F64))
+
+
+def test_pad_values_change_neither_loss_nor_gradient():
+    garbage_loss, garbage_grad = loss_and_gradient(LOGPROBS)
+    tidy_loss, tidy_grad = loss_and_gradient(LOGPROBS.masked_fill(MASK == 0, -1.0))
+    torch.testing.assert_close(garbage_loss, tidy_loss, rtol=0, atol=0)
+    torch.testing.assert_close(garbage_grad, tidy_grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("garbage", [float("inf"), float("-inf"), float("nan")])
-def test_infinite_or_nan_padding_gives_a_finite_gradient(garbage):
+def test_non_finite_padding_gives_a_finite_gradient(garbage):
     logprobs = LOGPROBS.masked_fill(MASK == 0, garbage).requires_grad_()
     old = LOGPROBS.masked_fill(MASK == 0, -garbage if garbage == garbage else garbage)
     loss, _ = policy_loss(logprobs, old, LOGPROBS + REF_SHIFT, ADVANTAGES, MASK, beta=0.1)
@@ -172,7 +187,7 @@ def test_dapo_loss_is_the_mean_over_all_tokens():
     assert loss.item() == pytest.approx(-10 / 9, rel=1e-12)
 
 
-def test_dr_grpo_loss_divides_by_sequences_times_the_length_limit():
+def test_dr_grpo_loss_divides_by_n_times_max_length():
     # Token sum -10 over N * T_max = 3 * 16.
     loss, _ = policy_loss(LOGPROBS, LOGPROBS, None, ADVANTAGES, MASK, beta=0.0, loss_type="dr_grpo",
                           max_completion_length=16)
@@ -180,7 +195,8 @@ def test_dr_grpo_loss_divides_by_sequences_times_the_length_limit():
 
 
 def weight_gradient(pieces, loss_type, denominator_of):
-    """d loss / d w for logprobs = LOGPROBS + w (one shared weight per position), summed over pieces.
+    """d loss / d w for logprobs = LOGPROBS + w (one shared weight per position), summed over
+    pieces.
 
     Each piece is (rows, share of ranks): its gradient is scaled by 1 / ranks as
     FSDP's gradient averaging does, and its denominator comes from denominator_of.
@@ -188,15 +204,17 @@ def weight_gradient(pieces, loss_type, denominator_of):
     w = torch.zeros(4, dtype=F64, requires_grad=True)
     for rows, ranks in pieces:
         logprobs = LOGPROBS[rows] + w
-        old = (LOGPROBS + 0.1 * torch.arange(3, dtype=F64).unsqueeze(1))[rows]  # ratio != 1 on rows 1, 2
-        loss, _ = policy_loss(logprobs, old, logprobs.detach() - 0.3, ADVANTAGES[rows], MASK[rows], beta=0.04,
-                              loss_type=loss_type, max_completion_length=4, denominator=denominator_of(ranks))
+        # ratio != 1 on rows 1, 2
+        old = (LOGPROBS + 0.1 * torch.arange(3, dtype=F64).unsqueeze(1))[rows]
+        loss, _ = policy_loss(logprobs, old, logprobs.detach() - 0.3, ADVANTAGES[rows], MASK[rows],
+                              beta=0.04, loss_type=loss_type, max_completion_length=4,
+                              denominator=denominator_of(ranks))
         (loss / ranks).backward()
     return w.grad
 
 
 @pytest.mark.parametrize("loss_type, whole_count", [("dapo", 9), ("grpo", 3), ("dr_grpo", 3 * 4)])
-def test_gradient_does_not_depend_on_how_the_batch_is_split(loss_type, whole_count):
+def test_gradient_is_the_same_however_the_batch_splits(loss_type, whole_count):
     whole = weight_gradient([([0, 1, 2], 1)], loss_type, lambda ranks: whole_count)
     # Two micro-batches on one rank: both pass the whole step's count.
     micro = weight_gradient([([0, 1], 1), ([2], 1)], loss_type, lambda ranks: whole_count)

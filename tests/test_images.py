@@ -1,5 +1,5 @@
-"""Several images per question, through data, sampler and the training forward, against Hugging Face
-forwards of each row alone."""
+"""Several images per question, through data, sampler and the training forward, against
+Hugging Face forwards of each row alone."""
 
 import pytest
 import torch
@@ -52,13 +52,13 @@ def test_each_prompt_carries_all_its_images_in_order(tiny, samples):
     rows = torch.tensor([1, 1, 0, 1])
     picked = inputs.select_rows(batch, rows)
     blocks = batch.pixel_values.split(batch.image_grid_thw.prod(-1).tolist())
-    expected = [blocks[i] for i in [2, 3, 4, 2, 3, 4, 0, 1, 2, 3, 4]]
-    assert torch.equal(picked.pixel_values, torch.cat(expected))
-    assert torch.equal(picked.image_grid_thw, batch.image_grid_thw[[2, 3, 4, 2, 3, 4, 0, 1, 2, 3, 4]])
+    images = [2, 3, 4, 2, 3, 4, 0, 1, 2, 3, 4]  # rows 1, 1, 0, 1: prompt 1 has images 2-4
+    assert torch.equal(picked.pixel_values, torch.cat([blocks[i] for i in images]))
+    assert torch.equal(picked.image_grid_thw, batch.image_grid_thw[images])
     assert picked.image_counts.tolist() == [3, 3, 2, 3]
 
 
-def test_greedy_sampling_equals_generate_on_each_prompt_alone(any_model, samples):
+def test_greedy_rows_equal_generate_on_each_prompt(any_model, samples):
     model, processor = any_model
     batch = data.collate(samples, processor, "think-after")
     assert (batch.attention_mask == 0).any(), "the prompts must differ in length to test padding"
@@ -66,15 +66,16 @@ def test_greedy_sampling_equals_generate_on_each_prompt_alone(any_model, samples
     ours = sampler.sample(model, batch, G, sampler.Decoding(10, temperature=0.0, end_ids=end_ids))
     for row in range(len(samples) * G):
         alone = one_row(batch, row // G, [])
-        theirs = model.generate(**alone.model_inputs(), max_new_tokens=10, do_sample=False,
-                                eos_token_id=end_ids, pad_token_id=end_ids[0])[0, alone.input_ids.shape[1]:]
+        generated = model.generate(**alone.model_inputs(), max_new_tokens=10, do_sample=False,
+                                   eos_token_id=end_ids, pad_token_id=end_ids[0])
+        theirs = generated[0, alone.input_ids.shape[1]:]
         n = int(ours.completion_mask[row].sum())
         assert ours.completion_ids[row, :n].tolist() == theirs[:n].tolist()
 
 
-def test_shared_prompt_logprobs_and_gradients_equal_each_row_run_alone(any_model, samples):
-    """The prompt (and its images) encoded once for its G completions, against each completion run whole
-    with its own prompt and images, as Hugging Face computes positions for it."""
+def test_shared_prompts_match_each_row_run_alone(any_model, samples):
+    """The prompt (and its images) encoded once for its G completions, against each completion
+    run whole with its own prompt and images, as Hugging Face computes positions for it."""
     model, processor = any_model
     batch = data.collate(samples, processor, "think-after")
     end_ids = sampler.end_token_ids(model, processor.tokenizer)
@@ -94,7 +95,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_each_row_run_alone(any_model
         P = alone.input_ids.shape[1] - len(completion)
         # Next-token shift: position P - 1 + t predicts completion token t.
         expected = torch.stack([logits[P - 1 + t, token] for t, token in enumerate(completion)])
-        torch.testing.assert_close(shared[row][mask[row].bool()], expected.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(shared[row][mask[row].bool()], expected.detach(),
+                                   rtol=0, atol=1e-5)
         total = total + expected.sum()
     total.backward()
     assert ours.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
@@ -108,5 +110,6 @@ def test_prompt_length_check_counts_every_image(tiny, samples):
     batch = data.collate(samples, processor, "think-after", image_size=56)
     lengths = batch.attention_mask.sum(1).tolist()
     data.check_prompts(samples, processor, "think-after", 56, 0, max(lengths) + 8, 8)
-    with pytest.raises(data.DataError, match=f"1 prompts are longer than .* with {max(lengths)} tokens"):
+    message = f"1 prompts are longer than .* with {max(lengths)} tokens"
+    with pytest.raises(data.DataError, match=message):
         data.check_prompts(samples, processor, "think-after", 56, 0, max(lengths) + 7, 8)

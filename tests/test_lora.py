@@ -1,6 +1,7 @@
 """LoRA: the reference is the base model with the adapters off, and PEFT is the oracle for the
 format (it reads our adapters, we read its)."""
 
+import shutil
 import subprocess
 import sys
 
@@ -32,8 +33,8 @@ def completions(modality_split):
     return samples, torch.randint(0, 100, (4, 6), generator=torch.Generator().manual_seed(0))
 
 
-def test_the_reference_is_the_policy_with_adapters_off_and_equals_the_base(
-        tiny_path, tiny, completions, single_process_group):
+def test_the_reference_is_the_policy_with_adapters_off(tiny_path, tiny, completions,
+                                                       single_process_group):
     base, processor = tiny
     cfg = train.resolve(train.Config(lora_rank=4, beta=0.04), world=1)
     policy, reference = train.load_models(cfg, tiny_path, torch.device("cpu"))
@@ -51,60 +52,90 @@ def test_the_reference_is_the_policy_with_adapters_off_and_equals_the_base(
     assert (logprobs(policy, processor, samples, ids) - expected).abs().max() > 1e-2
 
 
-def test_peft_reads_our_adapters_the_merge_matches_and_we_read_peft_adapters(
-        tiny_path, tiny, completions, tmp_path):
-    base, processor = tiny
+@pytest.fixture(scope="module")
+def lora_run(tiny_path, tmp_path_factory):
+    """A 2-step LoRA run (lr 1e-2: the adapters really move) that keeps a checkpoint per step."""
+    folder = tmp_path_factory.mktemp("lora-run")
+    run(["train.py", "--steps", "2", "--lr", "1e-2", "--lora_rank", "4", "--save_every", "1",
+         *SMALL, "--output_dir", str(folder)])
+    return folder
+
+
+def peft_logprobs(tiny_path, adapter, processor, samples, ids):
+    """The oracle: PEFT's model from the base and an adapter folder."""
+    theirs = peft.PeftModel.from_pretrained(modellib.load_model(tiny_path), adapter)
+    return logprobs(theirs.base_model.model, processor, samples, ids)
+
+
+def test_peft_reads_the_adapters_we_train(lora_run, tiny_path, tiny, completions):
+    _, processor = tiny
     samples, ids = completions
-    run(["train.py", "--steps", "2", "--lr", "1e-2", "--lora_rank", "4", *SMALL, "--output_dir",
-         str(tmp_path / "run")])
-    final = tmp_path / "run" / "final"
+    final = lora_run / "final"
     # eval.py reads the adapter folder's training config (its prompt mode) and data.
     for name in ("train_config.json", "training_data.json"):
         assert (final / "adapter" / name).read_text() == (final / name).read_text()
     ours = modellib.load_model(final / "adapter")
-    theirs = peft.PeftModel.from_pretrained(modellib.load_model(tiny_path), final / "adapter")
-    expected = logprobs(theirs.base_model.model, processor, samples, ids)
-    torch.testing.assert_close(logprobs(ours, processor, samples, ids), expected, rtol=0, atol=1e-5)
-    # The merged export is a plain model folder: from_pretrained, no adapters.
+    expected = peft_logprobs(tiny_path, final / "adapter", processor, samples, ids)
+    torch.testing.assert_close(logprobs(ours, processor, samples, ids), expected,
+                               rtol=0, atol=1e-5)
+
+
+def test_the_merged_export_is_the_adapted_model(lora_run, tiny_path, tiny, completions):
+    """A plain model folder (from_pretrained, no adapters) beside the adapter."""
+    base, processor = tiny
+    samples, ids = completions
+    final = lora_run / "final"
+    expected = peft_logprobs(tiny_path, final / "adapter", processor, samples, ids)
     merged = modellib.load_model(final)
-    torch.testing.assert_close(logprobs(merged, processor, samples, ids), expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logprobs(merged, processor, samples, ids), expected,
+                               rtol=0, atol=1e-4)
     assert (logprobs(base, processor, samples, ids) - expected).abs().max() > 1e-3
     # Only the language model's targeted linears changed.
-    before, after = load_file(tiny_path / "model.safetensors"), load_file(final / "model.safetensors")
+    before = load_file(tiny_path / "model.safetensors")
+    after = load_file(final / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith(("proj.weight")) and "visual" not in k for k in changed)
 
-    # An adapter made and saved by PEFT (on two targets only) reads back the same.
-    made = peft.get_peft_model(modellib.load_model(tiny_path),
-                               peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"]))
+
+def test_we_read_an_adapter_peft_saved(tiny_path, tiny, completions, tmp_path):
+    """Made by PEFT on two targets only."""
+    _, processor = tiny
+    samples, ids = completions
+    made = peft.get_peft_model(modellib.load_model(tiny_path), peft.LoraConfig(
+        r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"]))
     with torch.no_grad():
         for name, param in made.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     made.save_pretrained(tmp_path / "peft")
     expected = logprobs(made.base_model.model, processor, samples, ids)
-    torch.testing.assert_close(logprobs(modellib.load_model(tmp_path / "peft"), processor, samples, ids),
-                               expected, rtol=0, atol=1e-5)
+    ours = modellib.load_model(tmp_path / "peft")
+    torch.testing.assert_close(logprobs(ours, processor, samples, ids), expected,
+                               rtol=0, atol=1e-5)
 
 
-def test_eval_takes_an_adapter_folder_and_a_wrong_one_is_named(tiny_path, tmp_path):
-    run(["train.py", "--steps", "2", "--save_every", "1", "--lora_rank", "4", *SMALL, "--output_dir",
-         str(tmp_path / "run")])
-    out = run(["eval.py", "--checkpoints", f"{tmp_path / 'run' / 'step-1'}", "--max_samples", "4",
+def test_eval_takes_an_adapter_folder(lora_run, tmp_path):
+    out = run(["eval.py", "--checkpoints", f"{lora_run / 'step-1'}", "--max_samples", "4",
                "--max_new_tokens", "8", "--output", str(tmp_path / "eval")])
     assert "accuracy" in out and (tmp_path / "eval" / "eval_results.json").exists()
-    adapter = tmp_path / "run" / "final" / "adapter"
+
+
+def test_an_adapter_that_misses_targets_is_named(lora_run, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run / "final" / "adapter", adapter)
     weights = load_file(adapter / "adapter_model.safetensors")
-    save_file({k: v for k, v in weights.items() if "layers.0." not in k}, adapter / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.0." not in k},
+              adapter / "adapter_model.safetensors")
     with pytest.raises(SystemExit, match="does not fit this model's targets, e.g. .*layers.0"):
         modellib.load_model(adapter)
 
 
 @pytest.mark.parametrize("frozen", ["vision_tower", "projector"])
-def test_a_frozen_tower_does_not_move_and_the_rest_does(tiny_path, tmp_path, frozen):
-    run(["train.py", "--steps", "2", "--lr", "1e-2", f"--freeze_{frozen}", "true", *SMALL, "--output_dir",
-         str(tmp_path)])
-    before, after = load_file(tiny_path / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+def test_only_the_frozen_part_stays_put(tiny_path, tmp_path, frozen):
+    run(["train.py", "--steps", "2", "--lr", "1e-2", f"--freeze_{frozen}", "true", *SMALL,
+         "--output_dir", str(tmp_path)])
+    before = load_file(tiny_path / "model.safetensors")
+    after = load_file(tmp_path / "final" / "model.safetensors")
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     parts = {"vision_tower": {k for k in before if "visual" in k and "merger" not in k},
              "projector": {k for k in before if "merger" in k}}
@@ -114,6 +145,7 @@ def test_a_frozen_tower_does_not_move_and_the_rest_does(tiny_path, tmp_path, fro
 
 
 def test_lora_refuses_a_refreshed_reference():
-    stopped = subprocess.run([sys.executable, "train.py", "--lora_rank", "4", "--ref_sync_every", "2"], cwd=REPO,
-                             capture_output=True, text=True)
-    assert stopped.returncode != 0 and "--ref_sync_every needs a reference of its own" in stopped.stderr
+    stopped = subprocess.run([sys.executable, "train.py", "--lora_rank", "4",
+                              "--ref_sync_every", "2"], cwd=REPO, capture_output=True, text=True)
+    assert stopped.returncode != 0
+    assert "--ref_sync_every needs a reference of its own" in stopped.stderr

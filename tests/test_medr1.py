@@ -1,4 +1,5 @@
-"""Med-R1's released split files and rules: the loader, the random-guess baseline, its reward and evaluation rules."""
+"""Med-R1's released split files and rules: the loader, the random-guess baseline, its reward
+and evaluation rules."""
 
 import json
 import re
@@ -9,11 +10,12 @@ import pytest
 import data
 import eval as evaluation
 import sources
-from rewards import (REWARDS, accuracy_medr1_raw, accuracy_medr1_reward, accuracy_medr1_think, accuracy_reward,
-                     extract_choice, medr1_reward_choice)
+from rewards import (REWARDS, accuracy_medr1_raw, accuracy_medr1_reward, accuracy_medr1_think,
+                     accuracy_reward, extract_choice, medr1_reward_choice)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "medr1-splits"
-needs_splits = pytest.mark.skipif(not SHARED.exists(), reason="../shared/medr1-splits is not in a user's checkout")
+needs_splits = pytest.mark.skipif(not SHARED.exists(),
+                                  reason="../shared/medr1-splits is not in a user's checkout")
 
 # Each test file, the modality it holds and its record count (the figures in the splits' README).
 SPLIT_FILES = {
@@ -39,7 +41,7 @@ def splits():
 
 
 @needs_splits
-def test_loader_reads_every_split_with_the_readme_counts_and_modality(splits):
+def test_each_split_matches_its_readme_line(splits):
     readme = (SHARED / "README.md").read_text().replace("\n", " ")
     assert set(splits) == set(SPLIT_FILES)
     for name, (records, samples) in splits.items():
@@ -52,11 +54,13 @@ def test_loader_reads_every_split_with_the_readme_counts_and_modality(splits):
 
 
 @needs_splits
-def test_loader_gives_the_sample_form_with_the_gold_letter_of_the_solution_field(splits):
+def test_split_samples_take_the_solution_letter(splits):
     for name, (records, samples) in splits.items():
         for index, (record, sample) in enumerate(zip(records, samples)):
-            assert set(sample) == {"id", "images", "question", "options", "answer", "answer_type", "modality", "question_type"}
-            assert sample["id"] == f"{Path(name).stem}#{index}" and sample["images"] == [record["image"]]
+            assert set(sample) == {"id", "images", "question", "options", "answer", "answer_type",
+                                   "modality", "question_type"}
+            assert sample["id"] == f"{Path(name).stem}#{index}"
+            assert sample["images"] == [record["image"]]
             assert sample["answer"] == SOLUTION.fullmatch(record["solution"]).group(1)
             assert list(sample["options"]) == list("ABCD"[:len(sample["options"])])
 
@@ -68,53 +72,60 @@ def test_problem_text_rebuilds_every_released_problem(splits):
 
 
 @needs_splits
-def test_random_guessing_scores_26_98_percent_pooled_over_the_test_splits(splits):
+def test_random_guessing_scores_26_98_percent_pooled(splits):
     pooled = [s for _, samples in splits.values() for s in samples]
     assert round(100 * evaluation.random_guess_accuracy(pooled), 2) == 26.98
 
 
-def test_random_guess_accuracy_averages_one_over_the_option_count():
-    samples = [{"options": {"A": "x", "B": "y"}}, {"options": {"A": "w", "B": "x", "C": "y", "D": "z"}}]
+def test_random_guess_is_one_over_the_option_count():
+    samples = [{"options": {"A": "x", "B": "y"}},
+               {"options": {"A": "w", "B": "x", "C": "y", "D": "z"}}]
     assert evaluation.random_guess_accuracy(samples) == (1 / 2 + 1 / 4) / 2
 
 
-# problem, and by hand: its question, option texts and gold option text. The first three are real
-# problems; option texts hold brackets and commas, the third question holds a double space and "(IQA)".
+# problem, and by hand: its question, option texts and gold option text. The first three are
+# real problems; option texts hold brackets and commas, the third question holds a double space
+# and "(IQA)".
 PROBLEMS = [
-    ("What imaging technique is employed for obtaining this image? A)Mammogram, B)Positron emission tomography "
-     "(PET), C)CT, D)Fluoroscopy",
+    ("What imaging technique is employed for obtaining this image? A)Mammogram, "
+     "B)Positron emission tomography (PET), C)CT, D)Fluoroscopy",
      "What imaging technique is employed for obtaining this image?",
      ["Mammogram", "Positron emission tomography (PET)", "CT", "Fluoroscopy"], "CT"),
-    ("Which imaging technique was employed to obtain this image? A)Ultrasound, B)Near-infrared Spectroscopy "
-     "(NIRS), C)Diffuse Optical Imaging (DOI), D)Magnetoencephalography (MEG)",
+    ("Which imaging technique was employed to obtain this image? A)Ultrasound, "
+     "B)Near-infrared Spectroscopy (NIRS), C)Diffuse Optical Imaging (DOI), "
+     "D)Magnetoencephalography (MEG)",
      "Which imaging technique was employed to obtain this image?",
      ["Ultrasound", "Near-infrared Spectroscopy (NIRS)", "Diffuse Optical Imaging (DOI)",
       "Magnetoencephalography (MEG)"], "Ultrasound"),
-    ("Retinal image quality assessment (IQA) is a crucial process. if we used a three-class grading system "
-     "that consists of good, bad, and outlier classes.  What specific image quality of this image? "
-     "A)It's a good retinal image., B)It's a outlier retinal image., C)it's a bad retinal image.",
-     "Retinal image quality assessment (IQA) is a crucial process. if we used a three-class grading system "
-     "that consists of good, bad, and outlier classes.  What specific image quality of this image?",
+    ("Retinal image quality assessment (IQA) is a crucial process. if we used a three-class "
+     "grading system that consists of good, bad, and outlier classes.  What specific image "
+     "quality of this image? A)It's a good retinal image., B)It's a outlier retinal image., "
+     "C)it's a bad retinal image.",
+     "Retinal image quality assessment (IQA) is a crucial process. if we used a three-class "
+     "grading system that consists of good, bad, and outlier classes.  What specific image "
+     "quality of this image?",
      ["It's a good retinal image.", "It's a outlier retinal image.", "it's a bad retinal image."],
      "it's a bad retinal image."),
     ("Where is the lesion, if any? A)Left lobe, upper part (apex), B)None",
-     "Where is the lesion, if any?", ["Left lobe, upper part (apex)", "None"], "Left lobe, upper part (apex)"),
+     "Where is the lesion, if any?", ["Left lobe, upper part (apex)", "None"],
+     "Left lobe, upper part (apex)"),
 ]
 
 
 @pytest.mark.parametrize("problem, question, texts, gold", PROBLEMS)
-def test_an_omnimedvqa_record_built_from_a_medr1_problem_gives_that_problem_back(tmp_path, problem, question,
-                                                                                  texts, gold):
-    raw = {"dataset": "Tiny", "question_id": "q1", "question_type": "Modality Recognition", "question": question,
-           "gt_answer": gold, "image_path": "Images/Tiny/1.png", "modality_type": "CT(Computed Tomography)"}
+def test_a_medr1_problem_round_trips_through_a_record(tmp_path, problem, question, texts, gold):
+    raw = {"dataset": "Tiny", "question_id": "q1", "question_type": "Modality Recognition",
+           "question": question, "gt_answer": gold, "image_path": "Images/Tiny/1.png",
+           "modality_type": "CT(Computed Tomography)"}
     raw.update({f"option_{letter}": text for letter, text in zip("ABCD", texts)})
     sample = sources.record_to_sample(raw, "Tiny.json", tmp_path)
     assert data.problem_text(sample) == problem
     assert sources.parse_problem(problem, "here") == (question, dict(zip("ABCD", texts)))
 
 
-@pytest.mark.parametrize("problem", ["Is this a type A) case? A)Yes, B)No", "Which? A)u, B)v, C)w, D)x, E)y"])
-def test_a_problem_whose_options_cannot_be_told_apart_is_refused(problem):
+@pytest.mark.parametrize("problem", ["Is this a type A) case? A)Yes, B)No",
+                                     "Which? A)u, B)v, C)w, D)x, E)y"])
+def test_options_that_cannot_be_told_apart_are_refused(problem):
     with pytest.raises(sources.DataError, match="here: cannot tell the options apart"):
         sources.parse_problem(problem, "here")
 
@@ -125,17 +136,28 @@ def write_split(folder: Path, name: str, records: list[dict]) -> Path:
     return path
 
 
-GOOD = {"image": "Images/Tiny/1.png", "problem": "Which modality? A)CT, B)MRI (T1)", "solution": "<answer> B </answer>"}
+GOOD = {"image": "Images/Tiny/1.png", "problem": "Which modality? A)CT, B)MRI (T1)",
+        "solution": "<answer> B </answer>"}
 
 
-def test_file_name_sets_the_question_type_or_the_modality_and_image_root_prefixes_images(tmp_path):
+def test_a_split_files_name_gives_type_or_modality(tmp_path):
     path = write_split(tmp_path, "Modality Recognition_train.json", [GOOD])
     [sample] = sources.load_medr1_split(path, image_root=tmp_path / "omni")
-    assert sample == {"id": "Modality Recognition_train#0", "images": [str(tmp_path / "omni" / "Images/Tiny/1.png")], "answer_type": "choice",
-                      "question": "Which modality?", "options": {"A": "CT", "B": "MRI (T1)"}, "answer": "B",
-                      "modality": "", "question_type": "Modality Recognition"}
+    assert sample == {"id": "Modality Recognition_train#0",
+                      "images": [str(tmp_path / "omni" / "Images/Tiny/1.png")],
+                      "answer_type": "choice", "question": "Which modality?",
+                      "options": {"A": "CT", "B": "MRI (T1)"}, "answer": "B", "modality": "",
+                      "question_type": "Modality Recognition"}
     [sample] = sources.load_medr1_split(write_split(tmp_path, "X-Ray_test.json", [GOOD]))
-    assert (sample["modality"], sample["question_type"], sample["images"]) == ("X-Ray", "", ["Images/Tiny/1.png"])
+    assert (sample["modality"], sample["question_type"]) == ("X-Ray", "")
+
+
+def test_image_root_prefixes_a_split_files_images(tmp_path):
+    path = write_split(tmp_path, "X-Ray_test.json", [GOOD])
+    [sample] = sources.load_medr1_split(path)
+    assert sample["images"] == ["Images/Tiny/1.png"]
+    [sample] = sources.load_medr1_split(path, image_root=tmp_path / "omni")
+    assert sample["images"] == [str(tmp_path / "omni" / "Images/Tiny/1.png")]
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -145,7 +167,7 @@ def test_file_name_sets_the_question_type_or_the_modality_and_image_root_prefixe
     ({"solution": "B"}, "names none of the options"),
     ({"solution": None}, "missing field"),
 ])
-def test_malformed_record_is_an_error_naming_the_file_and_index(tmp_path, changes, message):
+def test_a_malformed_record_is_named_by_file_and_index(tmp_path, changes, message):
     bad = {k: v for k, v in {**GOOD, **changes}.items() if v is not None}
     path = write_split(tmp_path, "CT(Computed Tomography)_test.json", [GOOD, bad])
     with pytest.raises(data.DataError, match=message) as error:
@@ -153,12 +175,13 @@ def test_malformed_record_is_an_error_naming_the_file_and_index(tmp_path, change
     assert "CT(Computed Tomography)_test.json, record 1" in str(error.value)
 
 
-def test_split_file_named_after_neither_a_modality_nor_a_question_type_is_an_error(tmp_path):
+def test_a_split_file_must_name_a_modality_or_type(tmp_path):
     with pytest.raises(data.DataError, match="all_test.json"):
         sources.load_medr1_split(write_split(tmp_path, "all_test.json", [GOOD]))
 
 
-# Gold is C. completion, the choice of Med-R1's training reward, our robust choice (rewards.extract_choice).
+# Gold is C. completion, the choice of Med-R1's training reward, our robust choice
+# (rewards.extract_choice).
 OPTIONS = {"A": "CT", "B": "MRI", "C": "X-Ray", "D": "Ultrasound"}
 REWARD_TABLE = [
     ("<answer> C </answer>", "C", "C"),
@@ -170,7 +193,8 @@ REWARD_TABLE = [
     ("<answer>c</answer>", "c", "C"),
     ("<answer>C) X-Ray</answer>", "C) X-Ray", "C"),
     ("<answer>X-Ray</answer>", "X-Ray", "C"),
-    # No tag: the whole stripped completion is compared (ours reads it by the same rules as a tag's content).
+    # No tag: the whole stripped completion is compared (ours reads it by the same rules as a
+    # tag's content).
     ("C", "C", "C"),
     ("  C\n", "C", "C"),
     ("The answer is C", "The answer is C", None),
@@ -178,14 +202,15 @@ REWARD_TABLE = [
     # The first tag counts for Med-R1, the last for us.
     ("<answer>C</answer><answer>A</answer>", "C", "A"),
     ("<think>Maybe <answer>A</answer>.</think><answer>C</answer>", "A", "C"),
-    # A tag spanning a newline does not match, so a later one-line tag or the whole completion is used.
+    # A tag spanning a newline does not match, so a later one-line tag or the whole completion
+    # is used.
     ("<answer>\nC\n</answer>", "<answer>\nC\n</answer>", "C"),
     ("<answer>\nA\n</answer><answer>C</answer>", "C", "C"),
 ]
 
 
 @pytest.mark.parametrize("completion, medr1, robust", REWARD_TABLE)
-def test_medr1_training_reward_reproduces_the_released_string_match(completion, medr1, robust):
+def test_medr1_reward_is_the_released_string_match(completion, medr1, robust):
     sample = {"options": OPTIONS, "answer": "C"}
     assert medr1_reward_choice(completion) == medr1
     assert accuracy_medr1_reward(completion, sample) == float(medr1 == "C")
@@ -227,7 +252,7 @@ EVAL_TABLE = [
 
 
 @pytest.mark.parametrize("completion, think, raw", EVAL_TABLE)
-def test_medr1_evaluation_rules_reproduce_the_released_scripts(completion, think, raw):
+def test_medr1_eval_rules_are_the_released_scripts(completion, think, raw):
     sample = {"options": OPTIONS, "answer": "C"}
     assert accuracy_medr1_think(completion, sample) == think
     assert accuracy_medr1_raw(completion, sample) == raw

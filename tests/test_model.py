@@ -22,8 +22,9 @@ def test_greedy_sampler_equals_generate(any_model, mixed_samples):
     assert (batch.attention_mask == 0).any(), "the batch must be left-padded to test padding"
     end_ids = sampler.end_token_ids(model, processor.tokenizer)
     ours = sampler.sample(model, batch, 1, sampler.Decoding(12, temperature=0.0, end_ids=end_ids))
-    theirs = model.generate(**batch.model_inputs(), max_new_tokens=12, do_sample=False, eos_token_id=end_ids,
-                            pad_token_id=end_ids[0])[:, batch.input_ids.shape[1]:]
+    generated = model.generate(**batch.model_inputs(), max_new_tokens=12, do_sample=False,
+                               eos_token_id=end_ids, pad_token_id=end_ids[0])
+    theirs = generated[:, batch.input_ids.shape[1]:]
     for row in range(len(mixed_samples)):
         n = int(ours.completion_mask[row].sum())
         assert ours.completion_ids[row, :n].tolist() == theirs[row, :n].tolist()
@@ -36,7 +37,8 @@ def test_sampled_logprobs_equal_training_forward(any_model, mixed_samples, tempe
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = sampler.end_token_ids(model, processor.tokenizer)
     banned = processor.tokenizer.convert_tokens_to_ids(sampler.VISION_TOKENS)
-    rollout = sampler.sample(model, batch, 3, sampler.Decoding(16, temperature, end_ids=end_ids, banned_ids=banned),
+    decoding = sampler.Decoding(16, temperature, end_ids=end_ids, banned_ids=banned)
+    rollout = sampler.sample(model, batch, 3, decoding,
                              generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logprobs = modellib.token_logprobs(model, repeat_prompts(batch, 3), rollout.completion_ids,
@@ -82,12 +84,13 @@ def test_sampler_never_emits_vision_tokens(tiny, mixed_samples):
     unbanned = sampler.sample(model, batch, 2, sampler.Decoding(4, end_ids=end_ids),
                               generator=torch.Generator().manual_seed(0))
     assert torch.isin(unbanned.completion_ids, torch.tensor(banned)).any()
-    rollout = sampler.sample(model, batch, 2, sampler.Decoding(4, end_ids=end_ids, banned_ids=banned),
+    rollout = sampler.sample(model, batch, 2,
+                             sampler.Decoding(4, end_ids=end_ids, banned_ids=banned),
                              generator=torch.Generator().manual_seed(0))
     assert not torch.isin(rollout.completion_ids, torch.tensor(banned)).any()
 
 
-def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, mixed_samples):
+def test_ended_rows_leave_without_changing_the_others(tiny, mixed_samples):
     """Oracle: the same draws with no row ending, so the decode batch never shrinks.
 
     A stop rule ends row i after 2 + i % 7 tokens. Each row's tokens up to its
@@ -100,16 +103,20 @@ def test_rows_that_ended_leave_the_decode_batch_without_changing_any_row(tiny, m
     batch_sizes = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: batch_sizes.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)
-    ended = sampler.sample(model, batch, 4, sampler.Decoding(12), generator=torch.Generator().manual_seed(0),
+    ended = sampler.sample(model, batch, 4, sampler.Decoding(12),
+                           generator=torch.Generator().manual_seed(0),
                            stop=lambda tokens: lengths <= tokens.shape[1])
     hook.remove()
-    never_ends = sampler.sample(model, batch, 4, sampler.Decoding(12), generator=torch.Generator().manual_seed(0))
+    never_ends = sampler.sample(model, batch, 4, sampler.Decoding(12),
+                                generator=torch.Generator().manual_seed(0))
 
     assert ended.completion_mask.sum(dim=1).tolist() == lengths.tolist()
-    assert batch_sizes[:2] == [3, 12] and len(set(batch_sizes[1:])) >= 3  # prefill of 3 prompts, then 12 rows
+    # A prefill of 3 prompts, then 12 rows.
+    assert batch_sizes[:2] == [3, 12] and len(set(batch_sizes[1:])) >= 3
     for row, n in enumerate(lengths.tolist()):
         assert ended.completion_ids[row, :n].tolist() == never_ends.completion_ids[row, :n].tolist()
-        torch.testing.assert_close(ended.logprobs[row, :n], never_ends.logprobs[row, :n], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ended.logprobs[row, :n], never_ends.logprobs[row, :n],
+                                   rtol=0, atol=1e-5)
         assert (ended.logprobs[row, n:] == 0).all()
 
 
@@ -133,23 +140,34 @@ def test_sampling_follows_the_model_distribution(tiny, mixed_samples):
     assert (counts - probs).abs().max() < 0.03
 
 
-def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(tiny, mixed_samples):
-    """4000 first tokens with top-k 3: only the 3 most likely are drawn, in proportion to their
-    renormalised probabilities; the reported log-prob is that of the full distribution."""
-    _, processor = tiny
+def top3_draws(processor, mixed_samples):
+    """A random model's first-token distribution (nearly flat) and 4000 first tokens drawn from
+    it with top-k 3."""
     torch.manual_seed(1)
-    model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()  # a flat distribution
+    model = Qwen2VLForConditionalGeneration(tiny_config(processor.tokenizer)).eval()
     batch = encode(processor, mixed_samples[:1], [(56, 56)])
     with torch.no_grad():
         probs = model(**batch.model_inputs()).logits[0, -1].softmax(-1)
-    assert probs.topk(3).values.sum() < 0.1  # without top-k, 9 draws in 10 would be other tokens
     rollout = sampler.sample(model, batch, 4000, sampler.Decoding(1, top_k=3),
                              generator=torch.Generator().manual_seed(0))
+    return probs, rollout
+
+
+def test_top_k_draws_only_the_k_likeliest(tiny, mixed_samples):
+    """Only the 3 most likely tokens are drawn, in proportion to their renormalised
+    probabilities."""
+    probs, rollout = top3_draws(tiny[1], mixed_samples)
+    assert probs.topk(3).values.sum() < 0.1  # without top-k, 9 draws in 10 would be other tokens
     top3 = probs.topk(3).indices
     drawn = rollout.completion_ids[:, 0]
     assert torch.isin(drawn, top3).all()
     counts = torch.bincount(drawn, minlength=probs.numel())[top3] / 4000
     assert (counts - probs[top3] / probs[top3].sum()).abs().max() < 0.03
+
+
+def test_top_k_keeps_the_full_distributions_logprob(tiny, mixed_samples):
+    probs, rollout = top3_draws(tiny[1], mixed_samples)
+    drawn = rollout.completion_ids[:, 0]
     torch.testing.assert_close(rollout.logprobs[:, 0], probs.log()[drawn], rtol=0, atol=1e-5)
 
 
@@ -162,7 +180,7 @@ def test_top_k_draws_only_the_k_most_likely_tokens_and_keeps_the_full_logprob(ti
     # Greedy: the most likely token that is allowed.
     (None, [], 0, 3), (None, [3], 0, 2),
 ])
-def test_draw_token_by_inverse_cdf_with_the_full_distributions_logprob(uniform, banned, top_k, token):
+def test_draw_token_inverts_the_filtered_cdf(uniform, banned, top_k, token):
     probs = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
     u = None if uniform is None else torch.tensor([uniform])
     drawn, logprob, entropy = sampler.draw_token(probs.log(), u, 1.0, 1.0, top_k,
@@ -180,7 +198,7 @@ def test_top_k_filter_keeps_the_k_largest_logits():
     assert torch.equal(sampler.top_k_filter(logits, 0), logits)
 
 
-def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_samples, tmp_path):
+def test_a_qwen2_vl_2b_style_folder_loads(tiny_path, tiny, mixed_samples, tmp_path):
     """Sharded safetensors with an index, chat_template.json, the real preprocessor_config keys."""
     model, processor = tiny
     folder = tmp_path / "Qwen2-VL-2B-Instruct"
@@ -190,7 +208,8 @@ def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     shutil.copy(tiny_path / "preprocessor_config.json", folder)
     config = json.loads((folder / "preprocessor_config.json").read_text())
-    config.update({"min_pixels": 3136, "max_pixels": 12845056, "processor_class": "Qwen2VLProcessor"})
+    config.update({"min_pixels": 3136, "max_pixels": 12845056,
+                   "processor_class": "Qwen2VLProcessor"})
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
     assert (folder / "model.safetensors.index.json").exists()
 
@@ -199,18 +218,19 @@ def test_folder_laid_out_like_qwen2_vl_2b_instruct_loads(tiny_path, tiny, mixed_
     batch = encode(loaded_processor, mixed_samples, SIZES["different"])
     assert loaded_processor.tokenizer.chat_template == CHAT_TEMPLATE
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch.model_inputs()).logits, model(**batch.model_inputs()).logits)
+        torch.testing.assert_close(loaded(**batch.model_inputs()).logits,
+                                   model(**batch.model_inputs()).logits)
 
 
-def test_model_folder_without_processor_files_is_a_clear_error(tiny, tmp_path):
+def test_a_folder_without_processor_files_is_refused(tiny, tmp_path):
     model, _ = tiny
     model.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no processor files"):
         inputs.Processor.from_pretrained(tmp_path)
 
 
-def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_samples, tmp_path,
-                                                               single_process_group):
+def test_an_fsdp2_checkpoint_reloads_to_the_same_logits(tiny, mixed_samples, tmp_path,
+                                                        single_process_group):
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
     with torch.no_grad():
@@ -224,17 +244,18 @@ def test_checkpoint_saved_under_fsdp2_reloads_with_same_logits(tiny, mixed_sampl
         torch.testing.assert_close(reloaded(**batch.model_inputs()).logits, expected)
 
 
-def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mixed_samples, single_process_group):
+def test_bf16_training_gives_fp32_logprobs_and_grads(tiny, mixed_samples, single_process_group):
     model, processor = tiny
     batch = encode(processor, mixed_samples, SIZES["different"])
     end_ids = sampler.end_token_ids(model, processor.tokenizer)
     rollout = sampler.sample(model, batch, 2, sampler.Decoding(8, end_ids=end_ids),
                              generator=torch.Generator().manual_seed(0))
     expanded = repeat_prompts(batch, 2)
+    ids, completion_mask = rollout.completion_ids, rollout.completion_mask
     with torch.no_grad():
-        fp32 = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
+        fp32 = modellib.token_logprobs(model, expanded, ids, completion_mask)
     modellib.shard(model, bf16=True)
-    logprobs = modellib.token_logprobs(model, expanded, rollout.completion_ids, rollout.completion_mask)
+    logprobs = modellib.token_logprobs(model, expanded, ids, completion_mask)
     assert logprobs.dtype == torch.float32
     mask = rollout.completion_mask.bool()
     torch.testing.assert_close(logprobs[mask], fp32[mask], rtol=0, atol=0.25)  # bf16 has ~3 digits
@@ -244,18 +265,21 @@ def test_bf16_mixed_precision_runs_on_cpu_with_fp32_logprobs_and_grads(tiny, mix
     assert grads and all(g.dtype == torch.float32 and g.to_local().isfinite().all() for g in grads)
 
 
-def test_the_image_budget_is_really_applied(tiny_path):
-    """Med-R1: 384 x 384 images and max_pixels 401408 give 196 visual tokens; the tiny default's budget gives 4."""
-    assert inputs.visual_tokens(inputs.Processor.from_pretrained(tiny_path, max_pixels=401408), 384) == 196
+def test_the_pixel_budget_sets_the_visual_tokens(tiny_path):
+    """Med-R1: 384 x 384 images and max_pixels 401408 give 196 visual tokens; the tiny
+    default's budget gives 4."""
+    processor = inputs.Processor.from_pretrained(tiny_path, max_pixels=401408)
+    assert inputs.visual_tokens(processor, 384) == 196
     assert inputs.visual_tokens(inputs.Processor.from_pretrained(tiny_path), 384) == 4
-    assert inputs.visual_tokens(inputs.Processor.from_pretrained(tiny_path, max_pixels=28 * 28), 384) == 1
+    processor = inputs.Processor.from_pretrained(tiny_path, max_pixels=28 * 28)
+    assert inputs.visual_tokens(processor, 384) == 1
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradients(any_model, mixed_samples,
-                                                                                   single_process_group,
-                                                                                   grad_checkpointing):
-    """Oracle: each completion run whole, with its own copy of the prompt, on an unsharded copy of the model.
+def test_sharing_the_prompt_changes_nothing(any_model, mixed_samples, single_process_group,
+                                            grad_checkpointing):
+    """Oracle: each completion run whole, with its own copy of the prompt, on an unsharded copy
+    of the model.
 
     token_logprobs encodes each prompt once and runs the G completions on its
     repeated KV cache: two forward calls, one backward through both, under
@@ -271,14 +295,20 @@ def test_sharing_the_prompt_across_the_group_gives_the_same_logprobs_and_gradien
     weights = torch.randn(rollout.completion_ids.shape, generator=torch.Generator().manual_seed(1))
     mask = rollout.completion_mask
 
-    expected = modellib.token_logprobs(oracle, repeat_prompts(batch, 3), rollout.completion_ids, mask)
+    expected = modellib.token_logprobs(oracle, repeat_prompts(batch, 3), rollout.completion_ids,
+                                       mask)
     (expected * weights * mask).sum().backward()
     checkpointed = []
     if grad_checkpointing:
         modellib.enable_grad_checkpointing(model)
         layer = model.model.language_model.layers[0]
         replay = layer._gradient_checkpointing_func
-        layer._gradient_checkpointing_func = lambda *args, **kwargs: checkpointed.append(1) or replay(*args, **kwargs)
+
+        def counted_replay(*args, **kwargs):
+            checkpointed.append(1)
+            return replay(*args, **kwargs)
+
+        layer._gradient_checkpointing_func = counted_replay
     modellib.shard(model, bf16=False)
     shared = modellib.token_logprobs(model, batch, rollout.completion_ids, mask, group_size=3)
     (shared * weights * mask).sum().backward()

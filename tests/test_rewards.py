@@ -99,7 +99,7 @@ def test_reward_table(completion, formats, accuracy):
         ("<answer>  </answer>", None),
     ],
 )
-def test_extract_choice_returns_the_upper_case_letter_or_none(text, letter):
+def test_extract_choice_gives_a_capital_letter_or_none(text, letter):
     assert extract_choice(text, OPTIONS) == letter
 
 
@@ -114,7 +114,7 @@ def test_extract_choice_returns_the_upper_case_letter_or_none(text, letter):
         ("<answer>C.Hepatitis C</answer>", None),  # no space after "." or ":": prose, not a label
     ],
 )
-def test_an_option_label_then_its_own_text_is_that_option(text, letter):
+def test_a_label_with_its_own_text_is_that_option(text, letter):
     options = {"A": "Hepatitis A", "B": "Hepatitis B", "C": "Hepatitis C",
                "D": "Hepatitis A or B"}
     assert extract_choice(text, options) == letter
@@ -124,7 +124,7 @@ def test_a_question_without_options_has_no_choice():
     assert extract_choice("<answer>A</answer>", {}) is None
 
 
-def test_rewards_registry_maps_names_to_functions_of_completion_and_sample():
+def test_rewards_are_registered_by_name():
     sample = {**SAMPLE, "mode": "no-think"}
     assert REWARDS["format"]("<answer>B</answer>", sample) == 1.0
     assert REWARDS["format"]("<think>x</think><answer>B</answer>", sample) == 0.0
@@ -141,12 +141,13 @@ OLD_THINK_AFTER = (
     "<think>...</think> tags. 3. No extra information or text outside of these tags.")
 
 
-def test_choice_prompt_is_the_template_from_before_answer_types():
+def test_choice_prompt_keeps_its_old_template():
     problem = "Q? A)x, B)y"
     assert MODES["think-after"].text(problem, "choice") == OLD_THINK_AFTER.format(problem=problem)
 
 
-def test_closed_and_open_prompts_share_one_wording_that_names_no_letters():
+def test_free_text_prompt_names_no_letters():
+    """Closed and open questions share one prompt, other than the choice one."""
     for name, mode in MODES.items():
         closed, open_ = mode.text("Q?", "closed"), mode.text("Q?", "open")
         assert closed == open_, name
@@ -165,7 +166,7 @@ def test_prompt_text_keeps_braces_in_the_question():
     assert MODES["no-think"].text("Is {x} seen?", "open").startswith("Is {x} seen? Your task:")
 
 
-def test_warm_up_example_still_formats_from_letter_and_reason():
+def test_warm_up_example_formats_letter_and_reason():
     example = MODES["think-after"].example.format(letter="B", reason="r")
     assert example == "<answer>B</answer><think>r</think>"
 
@@ -192,7 +193,7 @@ def open_(gold: str) -> dict:
         ("<answer></answer>", ""),
     ],
 )
-def test_answer_text_is_the_last_tag_without_emphasis_or_label(completion, text):
+def test_answer_text_is_the_last_tags_bare_text(completion, text):
     assert answer_text(completion) == text
 
 
@@ -210,7 +211,7 @@ def test_answer_text_is_the_last_tag_without_emphasis_or_label(completion, text)
         ("", ""),
     ],
 )
-def test_normalize_answer_lowers_and_drops_punctuation_and_articles(text, normalized):
+def test_normalize_answer_drops_case_punctuation_articles(text, normalized):
     assert normalize_answer(text) == normalized
 
 
@@ -233,9 +234,11 @@ def test_yes_no_reads_only_a_leading_yes_or_no_word(text, answer):
     assert yes_no(text) == answer
 
 
-@pytest.mark.parametrize("text, expected", [("Yes.", True), ("no", True), (" NO ", True),
-                                            ("No, it is not", False), ("yesterday", False), ("", False)])
-def test_a_gold_is_yes_no_only_when_it_is_the_word_alone(text, expected):
+@pytest.mark.parametrize("text, expected", [
+    ("Yes.", True), ("no", True), (" NO ", True),
+    ("No, it is not", False), ("yesterday", False), ("", False),
+])
+def test_a_gold_is_yes_no_only_as_the_word_alone(text, expected):
     assert is_yes_no(text) == expected
 
 
@@ -327,7 +330,7 @@ def test_token_f1_table(completion, gold, expected):
 
 @pytest.mark.parametrize("metric", [closed_accuracy, exact_match, token_recall, token_f1])
 @pytest.mark.parametrize("sample", [SAMPLE, {**SAMPLE, "answer_type": "choice"}])
-def test_text_metrics_score_the_letter_on_choice_questions(metric, sample):
+def test_text_metrics_score_choices_by_letter(metric, sample):
     assert metric("<answer>CT</answer>", sample) == 1.0
     assert metric("<answer>A) CT</answer>", sample) == 1.0
     assert metric("<answer>B</answer>", sample) == 0.0
@@ -352,7 +355,7 @@ def test_accuracy_reward_dispatches_on_answer_type(completion, sample, expected)
     assert accuracy_reward(completion, sample) == expected
 
 
-def test_every_registered_reward_is_defined_on_open_questions():
+def test_every_reward_scores_open_questions():
     sample = {**open_("left lung"), "id": "q1"}
     [row] = score(["<answer>left lung</answer>"], [sample], list(REWARDS), "no-think")
     expected = {
@@ -369,5 +372,5 @@ def test_every_registered_reward_is_defined_on_open_questions():
     "completion, expected",
     [("<answer>yes</answer>", 1), ("<answer>Yes</answer>", 0), ("<answer>yes.</answer>", 0)],
 )
-def test_medr1_training_reward_compares_a_closed_gold_as_an_exact_string(completion, expected):
+def test_medr1_reward_wants_a_closed_gold_exactly(completion, expected):
     assert REWARDS["accuracy_medr1_reward"](completion, closed("yes")) == expected

@@ -12,15 +12,18 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
+import data
+import eval as evaluation
+import grpo
 import model as modellib
 import sampler
 import train
 from conftest import REPO
 from helpers import SMALL, metrics, run
 
-SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2", "--minibatches", "2",
-            "--filter_zero_std", "true", "--mask_truncated", "true", "--ref_sync_every", "2",
-            "--grad_checkpointing", "true"]
+SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2",
+            "--minibatches", "2", "--filter_zero_std", "true", "--mask_truncated", "true",
+            "--ref_sync_every", "2", "--grad_checkpointing", "true"]
 
 
 @pytest.mark.parametrize("switches", [[], SWITCHES, ["--lora_rank", "4", "--num_iterations", "2"]],
@@ -31,8 +34,8 @@ def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
     # lr size, so a smaller lr keeps that noise under 1e-5 while a real difference
     # in the gradients (a wrong image, a group split over ranks) still shows.
     for nproc in (1, 2):
-        run(["train.py", "--steps", "3", "--lr", "1e-4", "--output_dir", str(tmp_path / f"ranks{nproc}"), *SMALL,
-             *switches], nproc)
+        run(["train.py", "--steps", "3", "--lr", "1e-4", "--output_dir",
+             str(tmp_path / f"ranks{nproc}"), *SMALL, *switches], nproc)
     one, two = metrics(tmp_path / "ranks1"), metrics(tmp_path / "ranks2")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
@@ -48,11 +51,11 @@ def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
     assert max((base[name] - weights_one[name]).abs().max().item() for name in base) > 1e-4
 
 
-def test_evaluation_is_the_same_on_two_ranks_any_batch_size_and_decoder(tiny_path, tmp_path):
+def test_eval_results_ignore_ranks_batches_decoders(tiny_path, tmp_path):
     results = []
     for nproc, batch_size, decoder in [(1, 64, "dynamic"), (2, 8, "dynamic"), (2, 3, "static")]:
-        run(["eval.py", "--checkpoints", str(tiny_path), "--max_samples", "5", "--batch_size", str(batch_size),
-             "--decoder", decoder, "--output", str(tmp_path)], nproc)
+        run(["eval.py", "--checkpoints", str(tiny_path), "--max_samples", "5", "--batch_size",
+             str(batch_size), "--decoder", decoder, "--output", str(tmp_path)], nproc)
         results.append(json.loads((tmp_path / "eval_results.json").read_text())["tiny-qwen2-vl"])
     assert results[0]["overall"]["questions"] == 8 * 5
     assert results[0] == results[1] == results[2]
@@ -62,17 +65,19 @@ def test_evaluation_is_the_same_on_two_ranks_any_batch_size_and_decoder(tiny_pat
 
 
 def test_a_few_dozen_grpo_steps_raise_the_reward(tiny_path, tmp_path):
-    """On CT questions alone the right letter is always A: the base picks it a quarter of the time."""
-    run(["train.py", "--steps", "30", "--modalities", "CT", "--output_dir", str(tmp_path), "--eval_every", "0",
-         "--eval_size", "8"])
+    """On CT questions alone the right letter is always A: the base picks it a quarter of the
+    time."""
+    run(["train.py", "--steps", "30", "--modalities", "CT", "--output_dir", str(tmp_path),
+         "--eval_every", "0", "--eval_size", "8"])
     accuracy = [m["reward_accuracy"] for m in metrics(tmp_path)]
     base, last = accuracy[0], sum(accuracy[-5:]) / 5  # step 1's completions come from the base
-    assert last > base + 0.5 * (1 - base), (base, last)  # at least half the way from the base to perfect
+    # At least half the way from the base to perfect.
+    assert last > base + 0.5 * (1 - base), (base, last)
     with Image.open(tmp_path / "curves.png") as curves:
         assert curves.size[0] > 100
 
 
-def test_unknown_flag_is_refused_with_the_list_of_flags(capsys):
+def test_an_unknown_flag_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         common.parse_args(train.Config, ["--lr_rate", "1"])
     error = capsys.readouterr().err
@@ -85,12 +90,15 @@ def test_flag_with_a_bad_value_is_refused(capsys):
     assert "argument --steps: invalid int value: 'ten'" in capsys.readouterr().err
 
 
-def test_flags_take_either_form_and_help_shows_each_field_comment(capsys):
+def test_flags_take_either_form(capsys):
     cfg = common.parse_args(train.Config, ["--lr=1e-4", "--steps", "7", "--mask_truncated", "yes"])
     assert (cfg.lr, cfg.steps, cfg.mask_truncated) == (1e-4, 7, True)
     with pytest.raises(SystemExit):
         common.parse_args(train.Config, ["--mask_truncated", "maybe"])
     assert "want true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_help_shows_each_fields_comment(capsys):
     with pytest.raises(SystemExit):
         common.parse_args(train.Config, ["--help"])
     assert "mu: policy updates per rollout" in capsys.readouterr().out
@@ -99,16 +107,18 @@ def test_flags_take_either_form_and_help_shows_each_field_comment(capsys):
 @pytest.mark.parametrize("flag, value, message", [
     ("steps", 0, "at least 1"), ("steps", -3, "at least 1"), ("max_new_tokens", 0, "at least 1"),
     ("num_iterations", 0, "at least 1"), ("minibatches", 0, "at least 1"),
-    ("temperature", 0.0, "above 0"), ("temperature", -1.0, "above 0"), ("top_p", 0.0, "in \\(0, 1\\]"),
-    ("top_k", -1, "at least 0"), ("beta", -1.0, "at least 0"), ("eps_low", 2.0, "in \\[0, 1\\)"),
-    ("grad_clip", 0.0, "above 0"), ("save_every", -1, "at least 0"), ("eval_every", -1, "at least 0"),
-    ("keep_checkpoints", 0, "at least 1"), ("dtype", "fp16", "one of"), ("loss_type", "ppo", "one of"),
+    ("temperature", 0.0, "above 0"), ("temperature", -1.0, "above 0"),
+    ("top_p", 0.0, "in \\(0, 1\\]"), ("top_k", -1, "at least 0"), ("beta", -1.0, "at least 0"),
+    ("eps_low", 2.0, "in \\[0, 1\\)"), ("grad_clip", 0.0, "above 0"),
+    ("save_every", -1, "at least 0"), ("eval_every", -1, "at least 0"),
+    ("keep_checkpoints", 0, "at least 1"), ("dtype", "fp16", "one of"),
+    ("loss_type", "ppo", "one of"),
     ("prompt_mode", "zero-shot", "one of"), ("rewards", "format,format", "distinct"),
     ("rewards", "format,acuracy", "names from"), ("modalities", "CT,MRl", "names from"),
     ("modalities", "CT, MRI", "no spaces"), ("question_types", "Diagnosis", "names from"),
     ("ref_sync_alpha", 0.0, "in \\(0, 1\\]"), ("ref_sync_every", -2, "at least 0"),
 ])
-def test_each_flag_out_of_its_range_is_refused_by_name(flag, value, message):
+def test_a_flag_out_of_range_is_refused_by_name(flag, value, message):
     with pytest.raises(SystemExit, match=f"--{flag} {value!r}: must be .*{message}"):
         train.resolve(train.Config(**{flag: value}), world=1)
 
@@ -118,14 +128,18 @@ def test_reference_refresh_without_a_reference_is_refused():
         train.resolve(train.Config(beta=0.0, ref_sync_every=5), world=1)
 
 
-def test_eval_refuses_a_bad_flag_and_a_missing_checkpoint_before_evaluating(tiny_path, tmp_path):
-    import eval as evaluation
-
+def test_eval_refuses_a_bad_flag_up_front():
     for changes, message in [({"columns": "bogus"}, "--columns 'bogus'"),
-                             ({"max_samples": -1}, "--max_samples -1"), ({"batch_size": 0}, "--batch_size 0"),
-                             ({"checkpoints": f"{tiny_path},{tmp_path / 'nope'}"}, "nope' is not a model or adapter folder")]:
+                             ({"max_samples": -1}, "--max_samples -1"),
+                             ({"batch_size": 0}, "--batch_size 0")]:
         with pytest.raises(SystemExit, match=message):
             evaluation.resolve(evaluation.EvalConfig(**changes))
+
+
+def test_eval_refuses_a_missing_checkpoint_up_front(tiny_path, tmp_path):
+    config = evaluation.EvalConfig(checkpoints=f"{tiny_path},{tmp_path / 'nope'}")
+    with pytest.raises(SystemExit, match="nope' is not a model or adapter folder"):
+        evaluation.resolve(config)
 
 
 def test_prompts_must_split_evenly_over_ranks():
@@ -139,9 +153,6 @@ def test_prompts_must_split_evenly_over_ranks():
 @pytest.fixture
 def step_inputs(tiny, modality_split, single_process_group):
     """A sharded tiny policy, its optimizer, 2 prompts and a G=4 rollout of them."""
-    import data
-    import model as modellib
-
     model, processor = tiny
     modellib.shard(model, bf16=False)
     # Before any forward, as in train.py: after one without gradients, model.parameters()
@@ -165,14 +176,16 @@ def grpo_step(step_inputs, rewards_by_row, **config):
     return common.reduce_over_ranks(metrics)
 
 
-def test_zero_std_groups_are_reported_and_with_the_filter_not_computed(step_inputs, monkeypatch):
-    import model as modellib
-
+def test_zero_std_filter_skips_flat_groups(step_inputs, monkeypatch):
+    """Flat groups are counted either way; with the filter their rows get no forward."""
     rows_computed = []
     real = modellib.token_logprobs
-    monkeypatch.setattr(modellib, "token_logprobs",
-                        lambda model, prompts, ids, *args, **kw: rows_computed.append(len(ids)) or
-                        real(model, prompts, ids, *args, **kw))
+
+    def counted_token_logprobs(model, prompts, ids, *args, **kw):
+        rows_computed.append(len(ids))
+        return real(model, prompts, ids, *args, **kw)
+
+    monkeypatch.setattr(modellib, "token_logprobs", counted_token_logprobs)
     # Group 0 (rows 0-3) is all equal; group 1 has a spread.
     metrics = grpo_step(step_inputs, [1, 1, 1, 1, 0, 1, 0, 1], filter_zero_std=True)
     assert metrics["zero_std_groups"] == 0.5 and metrics["trained_rows"] == 0.5
@@ -182,9 +195,10 @@ def test_zero_std_groups_are_reported_and_with_the_filter_not_computed(step_inpu
     assert metrics["zero_std_groups"] == 0.5 and rows_computed == [8]
 
 
-def test_with_several_updates_per_rollout_the_ratio_departs_from_one_and_clips(step_inputs):
+def test_ratio_leaves_one_only_on_later_updates(step_inputs):
     on_policy = grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1])
-    assert on_policy["ratio_min"] == on_policy["ratio_max"] == 1.0 and on_policy["clip_frac"] == 0
+    assert on_policy["ratio_min"] == on_policy["ratio_max"] == 1.0
+    assert on_policy["clip_frac"] == 0
     # Two passes over two minibatches: every update after the first sees a moved policy.
     several = grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1], num_iterations=2, minibatches=2,
                         eps_low=0.001, eps_high=0.001)
@@ -203,7 +217,7 @@ def gradients(model, params, prompts, rollout) -> list[torch.Tensor]:
     return [getattr(p.grad, "_local_tensor", p.grad).clone() for p in params]
 
 
-def test_after_a_rollout_each_backward_gives_a_plain_models_gradients(step_inputs, tiny_path):
+def test_each_backward_gives_a_plain_models_gradients(step_inputs, tiny_path):
     """Oracle: the model without FSDP2, after the rollout's forwards without gradients."""
     sharded, optimizer, _, prompts, _, rollout = step_inputs
     plain = modellib.load_model(tiny_path)
@@ -214,7 +228,7 @@ def test_after_a_rollout_each_backward_gives_a_plain_models_gradients(step_input
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_an_update_that_trains_no_row_leaves_the_weights_alone(step_inputs):
+def test_an_update_of_no_rows_leaves_the_weights(step_inputs):
     """AdamW would move the weights by its momentum even on a zero gradient."""
     model = step_inputs[0]
     grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1])  # the optimizer now has momentum
@@ -224,7 +238,7 @@ def test_an_update_that_trains_no_row_leaves_the_weights_alone(step_inputs):
     assert all(torch.equal(p.detach().to_local(), b) for p, b in zip(model.parameters(), before))
 
 
-def test_an_update_without_tokens_changes_no_logged_number(single_process_group):
+def test_an_update_without_tokens_counts_for_nothing(single_process_group):
     """Updates weigh by their tokens; one a rank runs without rows (0 tokens) counts for nothing,
     and where no update has tokens the extremes are not logged."""
     trained = {"loss": 0.5, "grad_norm": 2.0, "kl": 0.3, "clip_frac": 0.25, "kl_max": 0.9,
@@ -241,24 +255,34 @@ def test_an_update_without_tokens_changes_no_logged_number(single_process_group)
     assert nothing == {"loss": 0.0, "grad_norm": 0.0, "kl": 0.0, "clip_frac": 0.0}
 
 
-def test_mask_truncated_gives_truncated_completions_no_loss(step_inputs, monkeypatch):
-    import grpo
-
-    model, optimizer, schedule, prompts, samples, rollout = step_inputs
+def test_mask_truncated_gives_cut_rows_no_loss(step_inputs, monkeypatch):
+    rollout = step_inputs[-1]
     rollout.truncated[:] = torch.tensor([True, False] * 4)
     masks = []
     real = grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda *args, **kw: masks.append(args[4]) or real(*args, **kw))
+
+    def policy_loss_noting_the_mask(logprobs, old, ref, advantages, mask, **kw):
+        masks.append(mask)
+        return real(logprobs, old, ref, advantages, mask, **kw)
+
+    monkeypatch.setattr(grpo, "policy_loss", policy_loss_noting_the_mask)
     grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1], mask_truncated=True)
     assert masks[0][0::2].sum() == 0 and (masks[0][1::2].sum(dim=1) > 0).all()
 
 
-def test_bf16_training_stores_the_reference_in_bf16_and_syncs_into_it(tiny_path, single_process_group):
-    import model as modellib
+def bf16_models(tiny_path):
+    """The policy and reference train.py loads for --dtype bf16."""
+    return train.load_models(train.Config(dtype="bf16"), str(tiny_path), torch.device("cpu"))
 
-    policy, reference = train.load_models(train.Config(dtype="bf16"), str(tiny_path), torch.device("cpu"))
+
+def test_bf16_training_keeps_the_reference_in_bf16(tiny_path, single_process_group):
+    policy, reference = bf16_models(tiny_path)
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # fp32 master weights
     assert all(p.dtype == torch.bfloat16 for p in reference.parameters())
+
+
+def test_a_bf16_reference_syncs_toward_the_policy(tiny_path, single_process_group):
+    policy, reference = bf16_models(tiny_path)
     with torch.no_grad():
         for param in policy.parameters():
             param.add_(0.5)
@@ -270,19 +294,23 @@ def test_bf16_training_stores_the_reference_in_bf16_and_syncs_into_it(tiny_path,
 
 
 def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_process_group):
-    import model as modellib
-
     loaded = []
     real = modellib.load_model
-    monkeypatch.setattr(modellib, "load_model", lambda path, *dtype: loaded.append(path) or real(path, *dtype))
-    policy, reference = train.load_models(train.Config(beta=0.0), str(tiny_path), torch.device("cpu"))
+
+    def counted_load_model(path, *dtype):
+        loaded.append(path)
+        return real(path, *dtype)
+
+    monkeypatch.setattr(modellib, "load_model", counted_load_model)
+    cpu = torch.device("cpu")
+    policy, reference = train.load_models(train.Config(beta=0.0), str(tiny_path), cpu)
     assert reference is None and len(loaded) == 1
-    policy, reference = train.load_models(train.Config(beta=0.04), str(tiny_path), torch.device("cpu"))
+    policy, reference = train.load_models(train.Config(beta=0.04), str(tiny_path), cpu)
     assert reference is not None and len(loaded) == 3
     assert not any(p.requires_grad for p in reference.parameters())
 
 
-def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split):
+def test_sft_nll_sums_the_target_tokens_only(tiny, modality_split):
     """Oracle: the full forward's logits, log-softmax, picked at the target positions by hand."""
     import data
     import inputs
@@ -292,7 +320,7 @@ def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split
     samples = modality_split[0][:3]
     prompts = data.collate(samples, processor, "no-think")
     targets = ["<answer>A</answer>", "<answer>B</answer><think>long one</think>", "<answer>C</answer>"]
-    loss = modellib.sft_loss(model, processor.tokenizer, prompts, targets)
+    summed, tokens = modellib.sft_nll(model, processor.tokenizer, prompts, targets)
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     nll, count = 0.0, 0
     for i, text in enumerate(targets):
@@ -308,7 +336,8 @@ def test_sft_loss_is_the_mean_nll_of_the_target_tokens_only(tiny, modality_split
         P = int(keep.sum())
         nll -= sum(logits[P - 1 + t, token].item() for t, token in enumerate(target))
         count += len(target)
-    assert loss.item() == pytest.approx(nll / count, rel=1e-4)
+    assert tokens == count
+    assert summed.item() == pytest.approx(nll, rel=1e-4)
 
 
 def test_sft_baseline_raises_held_out_accuracy_above_the_base(tiny_path, tmp_path):
@@ -319,17 +348,20 @@ def test_sft_baseline_raises_held_out_accuracy_above_the_base(tiny_path, tmp_pat
 
 
 def test_two_nodes_with_hybrid_sharding_train_like_one(tiny_path, tmp_path):
-    """Two torchrun invocations of one process each, joined by a rendezvous on 127.0.0.1: 2 nodes x 1 rank."""
+    """Two torchrun invocations of one process each, joined by a rendezvous on 127.0.0.1:
+    2 nodes x 1 rank."""
     args = ["train.py", "--steps", "3", "--lr", "1e-4", *SMALL]
     run([*args, "--output_dir", str(tmp_path / "one")])
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
     nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-         str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port), *args, "--hybrid_shard", "true",
-         "--output_dir", str(tmp_path / "nodes")], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+        [*launcher, "--node_rank", str(rank), *args, "--hybrid_shard", "true",
+         "--output_dir", str(tmp_path / "nodes")], cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "nodes")
@@ -341,9 +373,11 @@ def test_two_nodes_with_hybrid_sharding_train_like_one(tiny_path, tmp_path):
         torch.testing.assert_close(weights_two[name], weights_one[name], rtol=0, atol=1e-5)
 
 
-def test_epochs_set_the_number_of_steps_from_the_training_size(tiny_path, tmp_path):
-    """1,280 training questions (the tiny default) x 0.01 epochs / 4 prompts per step = 3.2: 4 steps."""
-    out = run(["train.py", "--epochs", "0.01", "--top_k", "5", "--output_dir", str(tmp_path), *SMALL])
+def test_epochs_set_the_number_of_steps(tiny_path, tmp_path):
+    """1,280 training questions (the tiny default) x 0.01 epochs / 4 prompts per step = 3.2:
+    4 steps."""
+    out = run(["train.py", "--epochs", "0.01", "--top_k", "5", "--output_dir", str(tmp_path),
+               *SMALL])
     assert "1280 training" in out and "--epochs 0.01: 4 steps of 4 prompts" in out
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
     config = json.loads((tmp_path / "final" / "train_config.json").read_text())
@@ -379,12 +413,12 @@ def wandb_history(run_file) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_logs_the_numbers_of_metrics_jsonl_and_the_rollouts(tiny_path, tmp_path):
+def test_wandb_offline_run_holds_every_logged_number(tiny_path, tmp_path):
     pytest.importorskip("wandb")  # in the test install (README); an optional extra otherwise
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run([sys.executable, "train.py", "--steps", "3", "--rollouts_every", "2", "--report_to",
-                           "wandb", *SMALL, "--output_dir", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "train.py", "--steps", "3", "--rollouts_every", "2",
+                           "--report_to", "wandb", *SMALL, "--output_dir", str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     logged = {row["_step"]: row for row in wandb_history(run_file) if "loss" in row}
@@ -393,19 +427,15 @@ def test_wandb_offline_logs_the_numbers_of_metrics_jsonl_and_the_rollouts(tiny_p
             assert logged[expected["step"]][key] == pytest.approx(value, rel=1e-6), key
     [table] = (tmp_path / "wandb").glob("offline-run-*/files/media/table/rollouts_2_*.table.json")
     rollout = json.loads((tmp_path / "rollouts.jsonl").read_text().splitlines()[0])
-    assert json.loads(table.read_text())["data"] == [[c, sum(r)] for c, r in zip(rollout["completions"],
-                                                                                   rollout["rewards"])]
+    logged_rows = [[c, sum(r)] for c, r in zip(rollout["completions"], rollout["rewards"])]
+    assert json.loads(table.read_text())["data"] == logged_rows
 
 
-def test_in_bf16_the_old_logprobs_of_several_updates_are_the_training_forwards(
-        tiny, modality_split, single_process_group, monkeypatch):
+def test_bf16_recomputes_the_samplers_old_logprobs(tiny, modality_split, single_process_group,
+                                                   monkeypatch):
     """A bf16 sampler rounds otherwise than the training forward (other batch shapes, cache
     length, kernels), which the first update's ratio would read as a policy change. Here the
     sampler's log-probs are 0.05 off: with --dtype bf16 they are recomputed, ratio exactly 1."""
-    import data
-    import grpo
-    import model as modellib
-
     model, processor = tiny
     modellib.shard(model, bf16=True)
     prompts = data.collate(modality_split[0][:2], processor, "think-after")
@@ -415,16 +445,20 @@ def test_in_bf16_the_old_logprobs_of_several_updates_are_the_training_forwards(
     rollout.logprobs += 0.05 * rollout.completion_mask
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
-    departures = []
+    departures = []  # per update: the largest gap between the policy's and the old log-probs
     real = grpo.policy_loss
-    monkeypatch.setattr(grpo, "policy_loss", lambda logprobs, old, ref, advantages, mask, **kw: (
-        departures.append(((logprobs.detach() - old) * mask).abs().max().item()),
-        real(logprobs, old, ref, advantages, mask, **kw))[1])
+
+    def policy_loss_noting_departures(logprobs, old, ref, advantages, mask, **kw):
+        departures.append(((logprobs.detach() - old) * mask).abs().max().item())
+        return real(logprobs, old, ref, advantages, mask, **kw)
+
+    monkeypatch.setattr(grpo, "policy_loss", policy_loss_noting_departures)
     rewards = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1], dtype=torch.float32).unsqueeze(1)  # (8, 1)
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16"):  # two updates each
         cfg = train.Config(num_generations=4, beta=0.0, num_iterations=2, dtype=dtype)
         train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout, rewards)
+    fp32_first, _, bf16_first, bf16_second = departures
     # The fp32 setting takes the sampler's log-probs: its first update sees them 0.05 off.
-    assert departures[0] == pytest.approx(0.05, abs=1e-3)
+    assert fp32_first == pytest.approx(0.05, abs=1e-3)
     # The bf16 setting recomputes them, on the policy as it is then: ratio 1, then a departure.
-    assert departures[2] == 0 and departures[3] > 0
+    assert bf16_first == 0 and bf16_second > 0
