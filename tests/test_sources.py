@@ -326,9 +326,11 @@ def benchmark_files(root: Path, dataset_root) -> dict:
 def test_two_ranks_give_one_ranks_sft_loss(tmp_path, tiny_path, dataset_root):
     """Each rank's targets hold a different number of tokens: the loss is the mean over all."""
     files = benchmark_files(tmp_path, dataset_root)
-    args = ["train.py", "--algo", "sft", "--train_split", str(files["train"]), "--test_split",
-            str(files["test"]), "--steps", "1", "--prompts_per_step", "4", "--eval_size", "2",
-            "--eval_every", "0", "--cache_dir", str(tmp_path / "cache")]
+    # --model: with its own cache folder the run would build the tiny model again.
+    args = ["train.py", "--model", str(tiny_path), "--algo", "sft",
+            "--train_split", str(files["train"]), "--test_split", str(files["test"]),
+            "--steps", "1", "--prompts_per_step", "4", "--eval_size", "2", "--eval_every", "0",
+            "--cache_dir", str(tmp_path / "cache")]
     for nproc in (1, 2):
         run([*args, "--output_dir", str(tmp_path / f"ranks{nproc}")], nproc)
     [one], [two] = metrics(tmp_path / "ranks1"), metrics(tmp_path / "ranks2")
@@ -340,7 +342,8 @@ def test_the_scripts_read_benchmark_files_end_to_end(tmp_path, tiny_path, datase
     parquet file to test on."""
     files = benchmark_files(tmp_path, dataset_root)
     out = tmp_path / "run"
-    printed = run(["train.py", "--train_split", str(files["train"]),
+    # --model: with its own cache folder the run would build the tiny model again.
+    printed = run(["train.py", "--model", str(tiny_path), "--train_split", str(files["train"]),
                    "--test_split", str(files["test"]), "--steps", "2", "--prompts_per_step", "2",
                    "--num_generations", "2", "--max_new_tokens", "8", "--eval_size", "6",
                    "--rewards", "format,accuracy,token_f1", "--output_dir", str(out),

@@ -15,6 +15,7 @@ import common
 import data
 import eval as evaluation
 import grpo
+import inputs
 import model as modellib
 import sampler
 import train
@@ -312,14 +313,11 @@ def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_proce
 
 def test_sft_nll_sums_the_target_tokens_only(tiny, modality_split):
     """Oracle: the full forward's logits, log-softmax, picked at the target positions by hand."""
-    import data
-    import inputs
-    import model as modellib
-
     model, processor = tiny
     samples = modality_split[0][:3]
     prompts = data.collate(samples, processor, "no-think")
-    targets = ["<answer>A</answer>", "<answer>B</answer><think>long one</think>", "<answer>C</answer>"]
+    targets = ["<answer>A</answer>", "<answer>B</answer><think>long one</think>",
+               "<answer>C</answer>"]
     summed, tokens = modellib.sft_nll(model, processor.tokenizer, prompts, targets)
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     nll, count = 0.0, 0
@@ -328,9 +326,9 @@ def test_sft_nll_sums_the_target_tokens_only(tiny, modality_split):
         row = inputs.select_rows(prompts, torch.tensor([i]))
         keep = row.attention_mask[0].bool()  # drop this row's left padding
         ids = torch.cat([row.input_ids[0][keep], torch.tensor(target)]).unsqueeze(0)
-        one = inputs.PromptBatch(ids, torch.ones_like(ids), torch.nn.functional.pad(row.mm_token_type_ids[0][keep],
-                               (0, len(target))).unsqueeze(0), row.pixel_values, row.image_grid_thw,
-                                 row.image_counts)
+        types = torch.nn.functional.pad(row.mm_token_type_ids[0][keep], (0, len(target)))
+        one = inputs.PromptBatch(ids, torch.ones_like(ids), types.unsqueeze(0), row.pixel_values,
+                                 row.image_grid_thw, row.image_counts)
         with torch.no_grad():
             logits = model(**one.model_inputs()).logits[0].log_softmax(-1)
         P = int(keep.sum())
@@ -341,9 +339,11 @@ def test_sft_nll_sums_the_target_tokens_only(tiny, modality_split):
 
 
 def test_sft_baseline_raises_held_out_accuracy_above_the_base(tiny_path, tmp_path):
-    out = run(["train.py", "--algo", "sft", "--steps", "120", "--lr", "1e-3", "--output_dir", str(tmp_path),
-               "--eval_every", "0", "--eval_size", "64", "--save_every", "0"])
-    base, final = [float(x) for x in out.split("held-out accuracy: base ")[1].split(" (")[0].split(" -> final ")]
+    out = run(["train.py", "--algo", "sft", "--steps", "120", "--lr", "1e-3",
+               "--output_dir", str(tmp_path), "--eval_every", "0", "--eval_size", "64",
+               "--save_every", "0"])
+    accuracies = out.split("held-out accuracy: base ")[1].split(" (")[0]
+    base, final = [float(x) for x in accuracies.split(" -> final ")]
     assert final > base + 0.2, out[-500:]
 
 
