@@ -89,7 +89,7 @@ def bench_model(cfg: BenchConfig) -> str:
 
 
 # The sizes in Qwen/Qwen2-VL-2B-Instruct's config.json (2.21 B parameters) and Qwen2.5-VL-3B's
-# (3.75 B; tests/test_families.py holds its file), over the tiny model's config: token ids and
+# (3.75 B; tests/families.py holds its file), over the tiny model's config: token ids and
 # processor stay the tiny model's, but for Qwen2-VL's pixel limits (Qwen2.5-VL's are the same).
 ROPE = {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}
 REAL_SIZES = {
