@@ -3,23 +3,19 @@ against published facts, then the pipeline on a toy model with the real 151,936-
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import tiktoken
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from conftest import REPO
+from helpers import SMALL, encode, run
 from qwen_tokenizer import RANKS, build_qwen2_vl_folder
 
 import data
 import inputs
 import model as modellib
 import sampler
-import sources
 
 # Qwen2-VL's special tokens and their ids, as its published tokenizer_config.json lists them.
 PUBLISHED_IDS = {
@@ -34,10 +30,9 @@ QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}
                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # Digits, decimals, units, ranges and non-ASCII letters, as a radiology report writes them.
 MEDICAL_TEXT = ("Befund: 3,5 × 2,1 cm Läsion im Segment VII; SUV_max 12.4 g/mL, "
-                "Hb 13.5 g/dL (Ref. 12–16), T = 38.2 °C, 5×10⁹/L, 40 µm, 1.2 mm², β-HCG < 5 IU/L, "
-                "naïve, Ödem, 肺结节 8 mm.\n\tFollow-up in 3–6 months; it's the patient's 2nd scan.")
-SMALL = ["--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "12",
-         "--eval_every", "0", "--eval_size", "8"]
+                "Hb 13.5 g/dL (Ref. 12–16), T = 38.2 °C, 5×10⁹/L, 40 µm, 1.2 mm², "
+                "β-HCG < 5 IU/L, naïve, Ödem, 肺结节 8 mm.\n\tFollow-up in 3–6 months; "
+                "it's the patient's 2nd scan.")
 
 
 @pytest.fixture(scope="session")
@@ -54,29 +49,6 @@ def processor(qwen_folder):
 def qwen_model(qwen_folder):
     """A fresh fp32 copy of the toy model, as train.py and eval.py load it."""
     return modellib.load_model(qwen_folder).eval()
-
-
-@pytest.fixture(scope="module")
-def mixed_samples(dataset_root):
-    """Three questions of different types (so different text lengths)."""
-    samples = sources.load_omnimedvqa(dataset_root)
-    return [next(s for s in samples if s["question_type"] == q) for q in sources.QUESTION_TYPES[:3]]
-
-
-def encode(processor, samples, sizes) -> inputs.PromptBatch:
-    """A left-padded PromptBatch of the samples' chat texts, image i resized to sizes[i]."""
-    texts = [data.chat_text(processor.tokenizer, s, "think-after") for s in samples]
-    images = [inputs.load_image(s["images"][0]).resize(size) for s, size in zip(samples, sizes)]
-    return inputs.PromptBatch(**processor(texts, images))
-
-
-def run(args: list[str]) -> str:
-    """Run a script of the project as a user would; return its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 # ---------------------------------------------------------------- the tokenizer
