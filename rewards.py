@@ -275,6 +275,14 @@ REWARDS = {
 }
 
 
+def overlong_penalty(length: int, max_length: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a reward term on the completion's
+    length in tokens: 0 up to max_length - buffer, then down linearly to -factor at max_length
+    (and beyond). It reads a length, not text, so it is not one of REWARDS."""
+    exceed = length - (max_length - buffer)
+    return min(0.0, -factor * min(exceed / buffer, 1.0))
+
+
 def score(completions: list[str], samples: list[dict], names: list[str], mode: str) -> list[list]:
     """One row per completion, one column per reward name, each sample seen with its prompt mode."""
     table = []
