@@ -54,6 +54,17 @@ AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 ABOVE_0 = (lambda v: v > 0, "above 0")
 
 
+def is_number_list(text: str) -> bool:
+    """Whether text is empty or comma-separated finite numbers."""
+    try:
+        return not text or all(math.isfinite(float(word)) for word in text.split(","))
+    except ValueError:
+        return False
+
+
+NUMBERS = (is_number_list, "comma-separated numbers, no spaces")
+
+
 def names_in(known) -> tuple:
     """A comma-separated list of distinct names from known (empty is fine)."""
     def test(text):

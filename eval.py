@@ -16,10 +16,11 @@ matplotlib) a heatmap .png, and every row's numbers as eval_results.json
 (model folders are only read).
 
 Every answer is decoded to its end (an end token or --max_new_tokens), as
-Med-R1's evaluation does, and scored by each of SCORERS: ours and Med-R1's
-released rules; questions without options also by FREE_SCORES, closed and
-open apart. A checkpoint trained by train.py says what it trained on
-(training_data.json), and the tables count the test images and questions it saw.
+Med-R1's evaluation does, and scored by each of SCORERS: ours, Med-R1's
+released rules and MedEvalKit's; questions without options also by
+FREE_SCORES, closed and open apart. A checkpoint trained by train.py says what
+it trained on (training_data.json), and the tables count the test images and
+questions it saw.
 """
 
 import csv
@@ -50,6 +51,7 @@ SCORERS = [
     "accuracy_medr1_think",  # Med-R1's evaluation of think prompts: the first one-word tag
     "accuracy_medr1_raw",  # Med-R1's evaluation of no-think and zero-shot: the output is the letter
     "accuracy_medr1_reward",  # Med-R1's training reward: the first one-line tag, or the output
+    "accuracy_medevalkit",  # MedEvalKit's (Lingshu's tables): yes/no substrings, difflib options
 ]
 # Questions without options are also scored as the medical VQA papers report them: closed ones
 # by accuracy, open ones by exact match and token recall and F1 (rewards.py states the

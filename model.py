@@ -146,8 +146,9 @@ class PromptCache(DynamicCache):
 
 def token_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                    completion_mask: torch.Tensor, temperature: float = 1.0,
-                   group_size: int = 1) -> torch.Tensor:
-    """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T).
+                   group_size: int = 1, with_entropy: bool = False):
+    """log pi(completion token t | prompt, tokens < t), fp32, at the sampling temperature: (N, T);
+    with_entropy, also the entropy of each of those next-token distributions (N, T).
 
     Completion row i belongs to prompt row i // group_size. As in sample(), each
     prompt and its image are encoded once and the KV cache is repeated G times;
@@ -163,7 +164,8 @@ def token_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
     # Next-token shift: the prompt's last logit predicts completion token 0, completion
     # token t predicts token t + 1, and the last completion token predicts nothing.
     first = out.logits[:, -1:].repeat_interleave(G, dim=0)  # (N, 1, V)
-    logprobs = [chosen_logprobs(first, completion_ids[:, :1], temperature)]  # (N, 1)
+    # (N, 1), or that and the entropy
+    logprobs = [chosen_logprobs(first, completion_ids[:, :1], temperature, with_entropy)]
     if T > 1:
         cache.batch_repeat_interleave(G)  # (B, ...) -> (N, ...), differentiable
         cache.frozen = True
@@ -179,23 +181,35 @@ def token_logprobs(model, prompts: PromptBatch, completion_ids: torch.Tensor,
                      position_ids=position, past_key_values=cache, use_cache=True)
         rest = rest.logits  # (N, T - 1, V)
         model.train(training)
-        logprobs.append(chosen_logprobs(rest, completion_ids[:, 1:], temperature))  # (N, T - 1)
+        logprobs.append(chosen_logprobs(rest, completion_ids[:, 1:], temperature,
+                                        with_entropy))  # (N, T - 1)
+    if with_entropy:
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*logprobs))  # (N, T) each
     return torch.cat(logprobs, dim=1)  # (N, T)
 
 
 def chosen_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
-                    chunk_rows: int = 16) -> torch.Tensor:
-    """log softmax(logits / temperature) at ids, fp32: (n, t, V) logits of any dtype -> (n, t).
+                    with_entropy: bool = False, chunk_rows: int = 16):
+    """log softmax(logits / temperature) at ids, fp32: (n, t, V) logits of any dtype -> (n, t);
+    with_entropy, also the entropy of each position's distribution (n, t).
 
     A few rows at a time, each recomputed in the backward pass, so the fp32 copy
     of the logits never exists whole, not even among the saved activations.
     """
     def rows_logprobs(rows, rows_ids):
         scaled = rows.float() / temperature  # (chunk_rows, t, V)
-        return scaled.gather(-1, rows_ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(dim=-1)
+        logsumexp = scaled.logsumexp(dim=-1)  # (chunk_rows, t)
+        chosen = scaled.gather(-1, rows_ids.unsqueeze(-1)).squeeze(-1) - logsumexp
+        if not with_entropy:
+            return chosen
+        all_logprobs = scaled - logsumexp.unsqueeze(-1)  # (chunk_rows, t, V)
+        return chosen, -(all_logprobs.exp() * all_logprobs).sum(dim=-1)
 
-    return torch.cat([checkpoint(rows_logprobs, rows, rows_ids, use_reentrant=False)
-                      for rows, rows_ids in zip(logits.split(chunk_rows), ids.split(chunk_rows))])
+    pieces = [checkpoint(rows_logprobs, rows, rows_ids, use_reentrant=False)
+              for rows, rows_ids in zip(logits.split(chunk_rows), ids.split(chunk_rows))]
+    if with_entropy:
+        return tuple(torch.cat(parts) for parts in zip(*pieces))  # (n, t) each
+    return torch.cat(pieces)
 
 
 def enable_grad_checkpointing(model) -> None:

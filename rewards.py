@@ -14,6 +14,8 @@ A sample's `answer_type` (missing means "choice") says what its gold is:
 `accuracy` scores choice by the letter, closed by closed_accuracy (yes/no read
 from the answer's first word) and open by normalised exact_match; token_recall
 and token_f1 give open answers partial credit.
+Med-R1's released scorers (accuracy_medr1_*) and MedEvalKit's
+(accuracy_medevalkit) are here too, as written, to give the numbers their papers report.
 
 To add a reward: write one function, add one line to REWARDS, add rows to the
 table in tests/test_rewards.py. To add a prompt mode: one entry in MODES. This
@@ -24,6 +26,7 @@ import re
 import string
 from collections import Counter
 from dataclasses import dataclass
+from difflib import SequenceMatcher
 
 
 # What the answer tag must hold, by answer type. Closed and open questions share
@@ -262,6 +265,115 @@ def accuracy_medr1_raw(completion: str, sample: dict) -> float:
     return float(completion == sample["answer"])
 
 
+# MedEvalKit (github.com/alibaba-damo-academy/MedEvalKit), the harness Lingshu introduced for
+# its tables, restated from its utils/utils.py (parse_response, judge_multi_choice,
+# judge_judgement, judge_close_end_vqa, judge_open_end_vqa) and the cal_metrics of
+# utils/{OmniMedVQA,MedXpertQA,VQA_RAD,PATH_VQA,SLAKE}/*.py, as read in the forks
+# chenz53/MedEvalKit, mi-iro/MedEvalKit-master and blackkiring/MedEvalKit, which agree on them.
+# Its quirks are kept: the point is to give the numbers it gives.
+# The labels it reads an answer after, tried in this order; each cuts at its last occurrence.
+MEDEVALKIT_LABELS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is",
+                     "answer:", "答案:", "final answer", "final answer is")
+
+
+def boxed_content(text: str) -> str | None:
+    """The stripped content of the last \\boxed{...}, braces balanced (mathruler's
+    extract_boxed_content, which MedEvalKit calls); None without a closed one."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, body = 0, text[start + len("\\boxed{"):]
+    for i, char in enumerate(body):
+        depth += (char == "{") - (char == "}")
+        if depth < 0:
+            return body[:i].strip()
+    return None
+
+
+def answer_tags_or_text(text: str) -> str:
+    """The contents of every <answer> tag joined by spaces, stripped; the whole text if that
+    is empty (MedEvalKit's extract(text, "answer"))."""
+    return " ".join(ANSWER_TAG.findall(text)).strip() or text
+
+
+def medevalkit_parse(text: str) -> str:
+    """MedEvalKit's parse_response: lower case; where "boxed" occurs the last \\boxed{}
+    (without a closed one the string "None", as mathruler returns), else where "<answer>"
+    occurs the tags' contents; then whatever follows each label of MEDEVALKIT_LABELS."""
+    text = text.lower()
+    if "boxed" in text:
+        boxed = boxed_content(text)
+        text = "None" if boxed is None else boxed
+    elif "<answer>" in text:
+        text = answer_tags_or_text(text)
+    for label in MEDEVALKIT_LABELS:
+        if label in text:
+            text = text.split(label)[-1]
+    return text
+
+
+def medevalkit_reply(completion: str) -> str:
+    """What MedEvalKit's VQA-RAD, PathVQA and SLAKE scoring passes on: the last closed
+    \\boxed{}, else the <answer> tags' contents, else the whole completion."""
+    boxed = boxed_content(completion)
+    return answer_tags_or_text(completion) if boxed is None else boxed
+
+
+def medevalkit_choice(completion: str, sample: dict) -> float:
+    """MedEvalKit's judge_multi_choice as its OmniMedVQA and MedXpertQA scoring calls it (the
+    <answer> tags' contents; options written "A. CT"): the letter the reply opens with, else
+    the option most similar to the whole reply by difflib, with no cutoff."""
+    letters = [letter.lower() for letter in sample["options"]]
+    options = [f"{letter}. {text}".lower() for letter, text in sample["options"].items()]
+    reply = answer_tags_or_text(completion).lower()
+    # 1) A bare letter as the first paragraph, or before the first full stop of the last one.
+    paragraphs = reply.split("\n\n")
+    if paragraphs[0] in letters:
+        reply = paragraphs[0]
+    elif paragraphs[-1].split(".")[0] in letters:
+        reply = paragraphs[-1].split(".")[0]
+    # 2) The parsed reply up to its first full stop, after its last colon, must be a letter.
+    # (It also accepts a reply equal to an option's whole text, which that never is: every
+    # option holds the full stop of "A. ".)
+    reply = medevalkit_parse(reply).strip().lower().replace("\n", "")
+    head = reply.split(".")[0].split(":")[-1]
+    if head in letters:
+        return float(head == sample["answer"].lower())
+    # 3) Anything else, an empty reply too, is read as the first of the options most similar
+    # to it, in difflib's argument order (option, reply): its ratio is not symmetric on long
+    # replies (autojunk).
+    similarity = [SequenceMatcher(None, option, reply).ratio() for option in options]
+    return float(letters[similarity.index(max(similarity))] == sample["answer"].lower())
+
+
+def medevalkit_closed(completion: str, sample: dict) -> float:
+    """MedEvalKit's closed questions. A yes/no gold (judge_judgement, VQA-RAD's and PathVQA's
+    rule): right when exactly one of the substrings "yes" and "no" is in the parsed reply (so
+    "not", "normal" and "nodule" say no) and the gold is one of them. Any other gold
+    (judge_close_end_vqa, SLAKE's): the parsed reply must be the lower-cased gold exactly."""
+    reply = medevalkit_parse(medevalkit_reply(completion)).replace("\n", "").replace(".", "")
+    gold = sample["answer"].lower()
+    if gold.strip() in ("yes", "no"):
+        return float((("yes" in reply) != ("no" in reply)) and gold.strip() in reply)
+    return float(reply == gold)
+
+
+def medevalkit_open(completion: str, sample: dict) -> float:
+    """MedEvalKit's count for open questions without its LLM judge (the "em" of
+    judge_open_end_vqa): the parsed reply must be the lower-cased gold exactly."""
+    reply = medevalkit_parse(medevalkit_reply(completion).lower().strip())
+    return float(reply == sample["answer"].lower().strip())
+
+
+MEDEVALKIT_BY_TYPE = {"choice": medevalkit_choice, "closed": medevalkit_closed,
+                      "open": medevalkit_open}
+
+
+def accuracy_medevalkit(completion: str, sample: dict) -> float:
+    """MedEvalKit's rule for the sample's answer type (choice, closed or open)."""
+    return MEDEVALKIT_BY_TYPE[answer_type(sample)](completion, sample)
+
+
 REWARDS = {
     "format": format_reward,
     "accuracy": accuracy_reward,
@@ -272,6 +384,7 @@ REWARDS = {
     "accuracy_medr1_reward": accuracy_medr1_reward,
     "accuracy_medr1_think": accuracy_medr1_think,
     "accuracy_medr1_raw": accuracy_medr1_raw,
+    "accuracy_medevalkit": accuracy_medevalkit,
 }
 
 

@@ -51,21 +51,28 @@ class Config:
     test_split: str = ""  # held-out files evaluated during training; empty = the 20%
     drop_test_images: bool = True  # no image on both sides; false: only questions (Med-R1's files)
     prompt_mode: Literal[rewards.TRAINING_MODES] = "think-after"  # think-after: answer, then why
-    rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed with equal weights
+    rewards: str = "format,accuracy"  # names in rewards.REWARDS, summed
+    reward_weights: str = ""  # comma-separated, one per reward; empty = all 1
     algo: Literal["grpo", "sft"] = "grpo"  # sft: on the gold answer (the baseline)
     sft_format: Literal["answer", "medr1"] = "answer"  # medr1: Med-R1's released SFT (README)
     # GRPO (Med-R1's values; grpo.py has the equations)
     num_generations: int = 8  # G completions per prompt (Med-R1: 4)
     prompts_per_step: int = 16  # prompts per rollout over all ranks (Med-R1: 8)
-    beta: float = 0.04  # weight of the k3 KL to the frozen reference; 0 loads no reference
+    beta: float = 0.04  # weight of the KL to the frozen reference; 0 loads no reference
+    kl_estimator: Literal[grpo.KL_ESTIMATORS] = "k3"  # the KL's per-token estimate
     eps_low: float = 0.2  # clip range below 1 for the probability ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher uses 0.28)
     loss_type: Literal[grpo.LOSS_TYPES] = "grpo"  # sequence, token mean, constant
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # advantages / whose std
+    scale_rewards: Literal["group", "batch", "none", "gdpo"] = "group"  # gdpo: each reward's
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    top_entropy_quantile: float = 1.0  # share of tokens, highest entropy first, that train
     num_iterations: int = 1  # mu: policy updates per rollout; > 1 makes the ratio depart from 1
     minibatches: int = 1  # each rollout is split into this many optimizer steps, per iteration
     filter_zero_std: bool = False  # drop groups whose rewards are all equal from the update
     mask_truncated: bool = False  # no loss on completions that hit max_new_tokens unfinished
+    overlong_buffer: int = 0  # DAPO: over the last N tokens the reward falls linearly ...
+    overlong_penalty: float = 1.0  # ... by this much at max_new_tokens (0 tokens: off)
     ref_sync_every: int = 0  # every N steps ref = a * policy + (1 - a) * ref (0: frozen)
     ref_sync_alpha: float = 0.6  # a above
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
@@ -115,13 +122,16 @@ LIMITS = {
                     common.AT_LEAST_1),
     **dict.fromkeys(["beta", "eps_high", "ref_sync_every", "top_k", "epochs", "lr",
                      "weight_decay", "image_size", "max_pixels", "eval_every", "eval_size",
-                     "save_every", "rollouts_every", "lora_rank", "lora_alpha"], common.AT_LEAST_0),
+                     "save_every", "rollouts_every", "lora_rank", "lora_alpha", "entropy_coef",
+                     "overlong_buffer", "overlong_penalty"], common.AT_LEAST_0),
     **dict.fromkeys(["temperature", "grad_clip"], common.ABOVE_0),
     **dict.fromkeys(["eps_low", "warmup_ratio"], (lambda v: 0 <= v < 1, "in [0, 1)")),
-    **dict.fromkeys(["ref_sync_alpha", "top_p"], (lambda v: 0 < v <= 1, "in (0, 1]")),
+    **dict.fromkeys(["ref_sync_alpha", "top_p", "top_entropy_quantile"],
+                    (lambda v: 0 < v <= 1, "in (0, 1]")),
     "modalities": common.names_in(sources.MODALITIES),
     "question_types": common.names_in(sources.QUESTION_TYPES),
     "rewards": common.names_in(rewards.REWARDS),
+    "reward_weights": common.NUMBERS,
 }
 # Non-finite updates are skipped; this many in a row stop the run.
 MAX_SKIPPED_STEPS = 5
@@ -132,6 +142,11 @@ def resolve(cfg: Config, world: int) -> Config:
     common.check_flags(cfg, LIMITS)
     if not cfg.rewards:
         raise SystemExit("--rewards: name at least one reward")
+    if cfg.reward_weights and len(reward_weights(cfg)) != len(cfg.rewards.split(",")):
+        raise SystemExit(f"--reward_weights {cfg.reward_weights}: one weight per reward in "
+                         f"--rewards {cfg.rewards}")
+    if cfg.overlong_buffer >= cfg.max_new_tokens:
+        raise SystemExit(f"--overlong_buffer {cfg.overlong_buffer} must be below --max_new_tokens")
     if not cfg.lr:
         cfg.lr = 1e-6 if cfg.model else 5e-4
     if cfg.dtype == "auto":
@@ -156,6 +171,13 @@ def resolve(cfg: Config, world: int) -> Config:
         raise SystemExit(f"--minibatches {cfg.minibatches} exceeds --prompts_per_step "
                          f"{cfg.prompts_per_step}")
     return cfg
+
+
+def reward_weights(cfg) -> torch.Tensor:
+    """One weight per reward (--reward_weights, else 1), and 1 for the overlong term, if any."""
+    weights = cfg.reward_weights.split(",") if cfg.reward_weights else cfg.rewards.split(",")
+    return torch.tensor([float(w) if cfg.reward_weights else 1.0 for w in weights]
+                        + [1.0] * (cfg.overlong_buffer > 0))
 
 
 def load_data(cfg) -> tuple[str, list[dict], list[dict]]:
@@ -210,13 +232,18 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     row_samples = [s for s in samples for _ in range(G)]
     names = cfg.rewards.split(",")
     reward_table = torch.tensor(rewards.score(texts, row_samples, names, cfg.prompt_mode))  # (N, R)
+    lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
+    if cfg.overlong_buffer:
+        names = [*names, "overlong"]
+        overlong = [rewards.overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_buffer,
+                                             cfg.overlong_penalty) for n in lengths.tolist()]
+        reward_table = torch.cat([reward_table, torch.tensor(overlong)[:, None]], 1)  # (N, R + 1)
     metrics = update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                             reward_table)
     # The sampled-letter histogram shows a letter dying out (then only the KL revives it).
     choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
-    lengths = rollout.completion_mask.sum(dim=1).float()  # (N,)
     metrics.update({
-        "reward": reward_table.sum(dim=1).mean().item(),
+        "reward": (reward_table * reward_weights(cfg)).sum(dim=1).mean().item(),
         **{f"reward_{name}": reward_table[:, i].mean().item() for i, name in enumerate(names)},
         "completion_len": lengths.mean().item(),
         "completion_len_max": lengths.max().item(),
@@ -238,12 +265,13 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
     Advantages are computed from every rank's rewards, so "batch" scaling and
     the zero-variance count see the whole step; groups never span ranks.
     """
-    rank, G = dist.get_rank(), cfg.num_generations
+    rank, G, weights = dist.get_rank(), cfg.num_generations, reward_weights(cfg)
     N = reward_table.shape[0]
-    all_rewards = common.gather_rows(reward_table.sum(dim=1))  # (world * N,)
-    advantages = grpo.group_advantages(all_rewards, G, cfg.scale_rewards)  # (world * N,)
+    all_rewards = common.gather_rows(reward_table)  # (world * N, R)
+    advantages = grpo.weighted_advantages(all_rewards, weights.to(all_rewards.device), G,
+                                          cfg.scale_rewards)  # (world * N,)
     advantages = advantages[rank * N:(rank + 1) * N]  # (N,)
-    zero_std = reward_table.sum(dim=1).view(-1, G).std(dim=1) == 0  # (B,)
+    zero_std = grpo.equal_reward_groups(reward_table, weights, G, cfg.scale_rewards)  # (B,)
 
     mask = rollout.completion_mask  # (N, T)
     if cfg.mask_truncated:
@@ -253,17 +281,22 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         # Only groups with a reward spread train.
         rows = rows[~zero_std.repeat_interleave(G)]
 
-    def logprobs_of(model, group_rows):
+    def logprobs_of(model, group_rows, with_entropy=False):
         """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T)."""
         group_prompts = inputs.select_rows(prompts, group_rows[::G] // G)
         return modellib.token_logprobs(model, group_prompts, rollout.completion_ids[group_rows],
-                                       mask[group_rows], cfg.temperature, group_size=G)
+                                       mask[group_rows], cfg.temperature, G, with_entropy)
 
     # Minibatch k holds the prompts whose index in the whole step is k modulo the
     # number of minibatches, so each update sees the same rows on any number of ranks.
     prompt_index = rank * (N // G) + rows // G  # (rows,)
     chunks = [rows_or_stand_in(rows[prompt_index % cfg.minibatches == k], G)
               for k in range(cfg.minibatches)]
+    entropy_mask = None
+    if cfg.top_entropy_quantile < 1:
+        trained = torch.zeros_like(mask)  # (N, T)
+        trained[rows] = mask[rows]
+        entropy_mask = grpo.top_entropy_mask(rollout.entropy, trained, cfg.top_entropy_quantile)
 
     ref_logprobs = None
     if reference is not None:
@@ -273,36 +306,48 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         with torch.no_grad(), lora.adapters_off(reference):
             ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
 
-    # With one update per rollout the old policy is the current one: ratio exactly 1. Else it
-    # is the sampler's, whose log-probs are the training forward's in fp32 (tested); in bf16
-    # they round differently (other shapes and kernels), so the training forward recomputes
-    # them, without gradients, before the first update.
+    # With one update per rollout the old policy is the current one: ratio exactly 1. Else the
+    # training forward recomputes the sampler's log-probs, without gradients, before the first
+    # update (equal in fp32, tested; in bf16 they round differently: other shapes, kernels).
+    # Either way the first forward of each chunk, before any update, measures that gap.
     on_policy = cfg.num_iterations == 1 and cfg.minibatches == 1
-    old_logprobs = rollout.logprobs  # (N, T)
-    if not on_policy and cfg.dtype == "bf16":
-        old_logprobs = old_logprobs.clone()  # (N, T)
+    old_logprobs, gaps = rollout.logprobs.clone(), [None] * len(chunks)  # (N, T)
+    if not on_policy:
         with torch.no_grad():
-            for chunk, weight in chunks:
+            for k, (chunk, weight) in enumerate(chunks):
                 recomputed = logprobs_of(policy, chunk)  # (n, T)
+                gaps[k] = grpo.sampler_gap(recomputed, rollout.logprobs[chunk],
+                                           mask[chunk] * weight, cfg.eps_low, cfg.eps_high)
                 if weight:
                     old_logprobs[chunk] = recomputed
     updates = []
     for _ in range(cfg.num_iterations):
-        for chunk, weight in chunks:
+        for k, (chunk, weight) in enumerate(chunks):
             chunk_mask = mask[chunk] * weight  # (n, T)
             denominator = grpo.global_loss_count(chunk_mask, cfg.loss_type, cfg.max_new_tokens)
-            logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
+            entropy = None
+            if cfg.entropy_coef:
+                logprobs, entropy = logprobs_of(policy, chunk, with_entropy=True)  # (n, T) each
+            else:
+                logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
+            gaps[k] = gaps[k] or grpo.sampler_gap(logprobs, rollout.logprobs[chunk], chunk_mask,
+                                                  cfg.eps_low, cfg.eps_high)
             old = logprobs.detach() if on_policy else old_logprobs[chunk]
             ref = None if ref_logprobs is None else ref_logprobs[chunk]
             loss, metrics = grpo.policy_loss(
                 logprobs, old, ref, advantages[chunk], chunk_mask, beta=cfg.beta,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
-                max_completion_length=cfg.max_new_tokens, denominator=denominator)
+                max_completion_length=cfg.max_new_tokens, denominator=denominator,
+                kl_estimator=cfg.kl_estimator,
+                importance_sampling_level=cfg.importance_sampling_level, entropy=entropy,
+                entropy_coef=cfg.entropy_coef,
+                entropy_mask=None if entropy_mask is None else entropy_mask[chunk])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             metrics["grad_norm"] = optimizer_step(cfg, policy, optimizer, schedule)
             metrics["loss"] = loss.item()
-            updates.append((metrics, chunk_mask.sum().item()))
+            # Each of the chunk's updates reports its gap, so the step's is the tokens' mean.
+            updates.append(({**metrics, **gaps[k]}, chunk_mask.sum().item()))
     return {**common.update_sums(updates), "zero_std_groups": zero_std.float().mean().item(),
             "trained_rows": len(rows) / N,
             "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
