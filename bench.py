@@ -146,7 +146,7 @@ def ours(cfg: BenchConfig):
                              image_size=cfg.image_size, grad_checkpointing=cfg.grad_checkpointing,
                              decoder=cfg.decoders, lora_rank=cfg.lora_rank)
     train.resolve(train_cfg, world=1)
-    policy, reference = train.load_models(train_cfg, path, device)
+    policy, reference = modellib.load_models(train_cfg, path, device)
     trained = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=5e-4, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
@@ -181,7 +181,7 @@ def sampling_policy(cfg: BenchConfig) -> tuple:
     path, device = bench_model(cfg), torch.device(cfg.device)
     train_cfg = train.Config(dtype=cfg.dtype, beta=0.0, image_size=cfg.image_size)
     train.resolve(train_cfg, world=1)
-    policy, _ = train.load_models(train_cfg, path, device)
+    policy, _ = modellib.load_models(train_cfg, path, device)
     return policy, bench_processor(cfg, path), device
 
 

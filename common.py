@@ -188,6 +188,12 @@ def lr_factor(update: int, total: int, schedule: str, warmup_ratio: float) -> fl
                1 - progress)
 
 
+def rows_or_stand_in(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, float]:
+    """(rows, weight 1), or for a rank with no rows one group's rows with weight 0: every rank
+    must still run the same forwards and backward, so FSDP's collectives match."""
+    return (rows, 1.0) if len(rows) else (torch.arange(G), 0.0)
+
+
 def gather_rows(values: torch.Tensor) -> torch.Tensor:
     """Every rank's (N,) tensor in rank order: (world * N,), on the collective device."""
     values = values.to(collective_device())

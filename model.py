@@ -35,6 +35,29 @@ def load_model(path, dtype=torch.float32):
 PROJECTOR_PREFIXES = ("merger.", "deepstack_merger_list.")
 
 
+def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple:
+    """train.py's policy (from policy_path when resuming), set up as cfg (train.Config) says,
+    and only when beta > 0 a frozen reference: with LoRA the policy itself, whose adapters
+    train.update_policy switches off."""
+    policy = load_model(policy_path or path)
+    if cfg.lora_rank and not policy_path:
+        lora.add_adapters(policy, os.path.realpath(path), cfg.lora_rank, cfg.lora_alpha)
+    freeze_vision(policy, cfg.freeze_vision_tower, cfg.freeze_projector)
+    policy.to(device)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(policy)
+    shard(policy, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
+    if cfg.beta == 0 or cfg.algo != "grpo":
+        return policy, None
+    if cfg.lora_rank:
+        return policy, policy
+    # The reference never trains, so it is stored in the compute dtype (bf16 halves its memory).
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    reference = load_model(path, dtype).to(device).requires_grad_(False)
+    shard(reference, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
+    return policy, reference
+
+
 def freeze_vision(model, tower: bool, projector: bool) -> None:
     """The vision tower's parameters stop training: the tower's, the projector's, or both."""
     for name, param in model.model.visual.named_parameters():

@@ -130,8 +130,7 @@ LIMITS = {
                     (lambda v: 0 < v <= 1, "in (0, 1]")),
     "modalities": common.names_in(sources.MODALITIES),
     "question_types": common.names_in(sources.QUESTION_TYPES),
-    "rewards": common.names_in(rewards.REWARDS),
-    "reward_weights": common.NUMBERS,
+    "rewards": common.names_in(rewards.REWARDS), "reward_weights": common.NUMBERS,
 }
 # Non-finite updates are skipped; this many in a row stop the run.
 MAX_SKIPPED_STEPS = 5
@@ -142,7 +141,7 @@ def resolve(cfg: Config, world: int) -> Config:
     common.check_flags(cfg, LIMITS)
     if not cfg.rewards:
         raise SystemExit("--rewards: name at least one reward")
-    if cfg.reward_weights and len(reward_weights(cfg)) != len(cfg.rewards.split(",")):
+    if cfg.reward_weights and len(cfg.reward_weights.split(",")) != len(cfg.rewards.split(",")):
         raise SystemExit(f"--reward_weights {cfg.reward_weights}: one weight per reward in "
                          f"--rewards {cfg.rewards}")
     if cfg.overlong_buffer >= cfg.max_new_tokens:
@@ -173,55 +172,14 @@ def resolve(cfg: Config, world: int) -> Config:
     return cfg
 
 
-def reward_weights(cfg) -> torch.Tensor:
-    """One weight per reward (--reward_weights, else 1), and 1 for the overlong term, if any."""
-    weights = cfg.reward_weights.split(",") if cfg.reward_weights else cfg.rewards.split(",")
-    return torch.tensor([float(w) if cfg.reward_weights else 1.0 for w in weights]
-                        + [1.0] * (cfg.overlong_buffer > 0))
-
-
-def load_data(cfg) -> tuple[str, list[dict], list[dict]]:
-    """The data root, and its training and held-out samples for the config's files and filters."""
-    root = tiny.dataset_root(cfg.data, cfg.cache_dir)
-    # The synthetic default's question-type filter applies only when no data is named.
-    modalities, question_types = tiny.filters(cfg.data or cfg.train_split or cfg.test_split,
-                                              cfg.modalities, cfg.question_types)
-    train, held_out = data.load_splits(root, modalities, question_types, cfg.train_split,
-                                       cfg.test_split, cfg.drop_test_images, cfg.skip_bad_records,
-                                       cfg.cache_dir, log=print0)
-    return root, train, held_out
-
-
-def load_models(cfg, path: str, device, policy_path: str | None = None) -> tuple:
-    """The policy (from policy_path when resuming) and, only when beta > 0, a frozen reference:
-    with LoRA the policy itself, whose adapters update_policy switches off."""
-    policy = modellib.load_model(policy_path or path)
-    if cfg.lora_rank and not policy_path:
-        lora.add_adapters(policy, str(Path(path).resolve()), cfg.lora_rank, cfg.lora_alpha)
-    modellib.freeze_vision(policy, cfg.freeze_vision_tower, cfg.freeze_projector)
-    policy.to(device)
-    if cfg.grad_checkpointing:
-        modellib.enable_grad_checkpointing(policy)
-    modellib.shard(policy, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
-    if cfg.beta == 0 or cfg.algo != "grpo":
-        return policy, None
-    if cfg.lora_rank:
-        return policy, policy
-    # The reference never trains, so it is stored in the compute dtype (bf16 halves its memory).
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    reference = modellib.load_model(path, dtype).to(device).requires_grad_(False)
-    modellib.shard(reference, bf16=cfg.dtype == "bf16", hybrid=cfg.hybrid_shard)
-    return policy, reference
-
-
 def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, samples: list[dict],
                    decoding: sampler.Decoding, generator: torch.Generator) -> tuple[dict, dict]:
     """One GRPO step on this rank's B prompts: rollout -> rewards -> advantages and updates.
     Returns the metrics, and the first prompt's completions and rewards (rollouts.jsonl)."""
     rank, world, G = dist.get_rank(), dist.get_world_size(), cfg.num_generations
-    device = common.collective_device()
     start = time.time()
-    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size).to(device)
+    prompts = data.collate(samples, processor, cfg.prompt_mode, cfg.image_size)
+    prompts = prompts.to(common.collective_device())
     # Rollout: G completions for each of this rank's B prompts (row i is prompt i // G).
     N = len(samples) * G
     rollout = sampler.sample(policy, prompts, G, decoding, generator=generator,
@@ -243,10 +201,8 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
     # The sampled-letter histogram shows a letter dying out (then only the KL revives it).
     choices = [rewards.extract_choice(t, s["options"]) for t, s in zip(texts, row_samples)]
     metrics.update({
-        "reward": (reward_table * reward_weights(cfg)).sum(dim=1).mean().item(),
         **{f"reward_{name}": reward_table[:, i].mean().item() for i, name in enumerate(names)},
-        "completion_len": lengths.mean().item(),
-        "completion_len_max": lengths.max().item(),
+        "completion_len": lengths.mean().item(), "completion_len_max": lengths.max().item(),
         "truncated": rollout.truncated.float().mean().item(),
         **{f"letter_{L}": sum(c == L for c in choices) / len(choices) for L in sources.LETTERS},
         "rollout_s": rollout_s,
@@ -259,14 +215,14 @@ def grpo_iteration(cfg, policy, reference, optimizer, schedule, processor, sampl
 
 def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                   reward_table) -> dict:
-    """Advantages, then num_iterations x minibatches clipped policy updates; returns this
-    rank's metrics (reduced over ranks by common.reduce_over_ranks).
-
-    Advantages are computed from every rank's rewards, so "batch" scaling and
-    the zero-variance count see the whole step; groups never span ranks.
-    """
-    rank, G, weights = dist.get_rank(), cfg.num_generations, reward_weights(cfg)
-    N = reward_table.shape[0]
+    """Advantages from every rank's rewards (so "batch" scaling and the zero-variance count see
+    the whole step; groups never span ranks), then num_iterations x minibatches clipped updates.
+    Returns this rank's metrics (reduced over ranks by common.reduce_over_ranks)."""
+    rank, G = dist.get_rank(), cfg.num_generations
+    N, R = reward_table.shape
+    # --reward_weights (else 1 each), and 1 for the overlong term if there is one.
+    given = [float(w) for w in cfg.reward_weights.split(",")] if cfg.reward_weights else []
+    weights = torch.tensor(given + [1.0] * (R - len(given)))  # (R,)
     all_rewards = common.gather_rows(reward_table)  # (world * N, R)
     advantages = grpo.weighted_advantages(all_rewards, weights.to(all_rewards.device), G,
                                           cfg.scale_rewards)  # (world * N,)
@@ -282,15 +238,17 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         rows = rows[~zero_std.repeat_interleave(G)]
 
     def logprobs_of(model, group_rows, with_entropy=False):
-        """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T)."""
+        """token_logprobs of whole groups of rows, each group's prompt encoded once: (n, T), and
+        with_entropy the entropy (n, T), else None."""
         group_prompts = inputs.select_rows(prompts, group_rows[::G] // G)
-        return modellib.token_logprobs(model, group_prompts, rollout.completion_ids[group_rows],
-                                       mask[group_rows], cfg.temperature, G, with_entropy)
+        out = modellib.token_logprobs(model, group_prompts, rollout.completion_ids[group_rows],
+                                      mask[group_rows], cfg.temperature, G, with_entropy)
+        return out if with_entropy else (out, None)
 
     # Minibatch k holds the prompts whose index in the whole step is k modulo the
     # number of minibatches, so each update sees the same rows on any number of ranks.
     prompt_index = rank * (N // G) + rows // G  # (rows,)
-    chunks = [rows_or_stand_in(rows[prompt_index % cfg.minibatches == k], G)
+    chunks = [common.rows_or_stand_in(rows[prompt_index % cfg.minibatches == k], G)
               for k in range(cfg.minibatches)]
     entropy_mask = None
     if cfg.top_entropy_quantile < 1:
@@ -301,10 +259,10 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
     ref_logprobs = None
     if reference is not None:
         # Every row that trains, in one forward.
-        ref_rows, _ = rows_or_stand_in(rows, G)
+        ref_rows, _ = common.rows_or_stand_in(rows, G)
         ref_logprobs = torch.zeros_like(rollout.logprobs)  # (N, T)
         with torch.no_grad(), lora.adapters_off(reference):
-            ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)
+            ref_logprobs[ref_rows] = logprobs_of(reference, ref_rows)[0]
 
     # With one update per rollout the old policy is the current one: ratio exactly 1. Else the
     # training forward recomputes the sampler's log-probs, without gradients, before the first
@@ -315,7 +273,7 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
     if not on_policy:
         with torch.no_grad():
             for k, (chunk, weight) in enumerate(chunks):
-                recomputed = logprobs_of(policy, chunk)  # (n, T)
+                recomputed = logprobs_of(policy, chunk)[0]  # (n, T)
                 gaps[k] = grpo.sampler_gap(recomputed, rollout.logprobs[chunk],
                                            mask[chunk] * weight, cfg.eps_low, cfg.eps_high)
                 if weight:
@@ -325,11 +283,8 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
         for k, (chunk, weight) in enumerate(chunks):
             chunk_mask = mask[chunk] * weight  # (n, T)
             denominator = grpo.global_loss_count(chunk_mask, cfg.loss_type, cfg.max_new_tokens)
-            entropy = None
-            if cfg.entropy_coef:
-                logprobs, entropy = logprobs_of(policy, chunk, with_entropy=True)  # (n, T) each
-            else:
-                logprobs = logprobs_of(policy, chunk)  # (n, T): chunks hold whole groups
+            # (n, T) each, or None for the entropy: chunks hold whole groups
+            logprobs, entropy = logprobs_of(policy, chunk, with_entropy=cfg.entropy_coef != 0)
             gaps[k] = gaps[k] or grpo.sampler_gap(logprobs, rollout.logprobs[chunk], chunk_mask,
                                                   cfg.eps_low, cfg.eps_high)
             old = logprobs.detach() if on_policy else old_logprobs[chunk]
@@ -338,9 +293,8 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
                 logprobs, old, ref, advantages[chunk], chunk_mask, beta=cfg.beta,
                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
                 max_completion_length=cfg.max_new_tokens, denominator=denominator,
-                kl_estimator=cfg.kl_estimator,
-                importance_sampling_level=cfg.importance_sampling_level, entropy=entropy,
-                entropy_coef=cfg.entropy_coef,
+                kl_estimator=cfg.kl_estimator, entropy=entropy, entropy_coef=cfg.entropy_coef,
+                importance_sampling_level=cfg.importance_sampling_level,
                 entropy_mask=None if entropy_mask is None else entropy_mask[chunk])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -348,15 +302,9 @@ def update_policy(cfg, policy, reference, optimizer, schedule, prompts, rollout,
             metrics["loss"] = loss.item()
             # Each of the chunk's updates reports its gap, so the step's is the tokens' mean.
             updates.append(({**metrics, **gaps[k]}, chunk_mask.sum().item()))
-    return {**common.update_sums(updates), "zero_std_groups": zero_std.float().mean().item(),
-            "trained_rows": len(rows) / N,
+    return {**common.update_sums(updates), "reward": (reward_table * weights).sum(1).mean().item(),
+            "zero_std_groups": zero_std.float().mean().item(), "trained_rows": len(rows) / N,
             "entropy": rollout.entropy[rollout.completion_mask.bool()].mean().item()}
-
-
-def rows_or_stand_in(rows: torch.Tensor, G: int) -> tuple[torch.Tensor, float]:
-    """(rows, weight 1), or for a rank with no rows one group's rows with weight 0: every rank
-    must still run the same forwards and backward, so FSDP's collectives match."""
-    return (rows, 1.0) if len(rows) else (torch.arange(G), 0.0)
 
 
 def sft_iteration(cfg, policy, optimizer, schedule, processor, samples: list[dict]) -> tuple:
@@ -411,7 +359,13 @@ def main():
     torch.manual_seed(cfg.seed)
 
     # ---- data and processor first: bad input stops the run before any model is loaded
-    root, train_samples, held_out = load_data(cfg)
+    root = tiny.dataset_root(cfg.data, cfg.cache_dir)
+    # The synthetic default's question-type filter applies only when no data is named.
+    modalities, question_types = tiny.filters(cfg.data or cfg.train_split or cfg.test_split,
+                                              cfg.modalities, cfg.question_types)
+    train_samples, held_out = data.load_splits(
+        root, modalities, question_types, cfg.train_split, cfg.test_split, cfg.drop_test_images,
+        cfg.skip_bad_records, cfg.cache_dir, log=print0)
     path = tiny.model_path(cfg.model, cfg.cache_dir, root)
     out = Path(cfg.output_dir)
     resume_from = checkpoint.resume_folder(cfg.resume, out)
@@ -429,7 +383,7 @@ def main():
            f"{tokens} visual tokens per image")
 
     # ---- model, reference (the base; a refreshed one comes back on resume), optimizer, schedule
-    policy, reference = load_models(cfg, path, device, policy_path=resume_from)
+    policy, reference = modellib.load_models(cfg, path, device, policy_path=resume_from)
     decoding = sampler.decoding_for(policy, processor.tokenizer, cfg.max_new_tokens,
                                     cfg.temperature, cfg.top_p, cfg.top_k)
     updates_per_step = cfg.num_iterations * cfg.minibatches if cfg.algo == "grpo" else 1

@@ -121,32 +121,34 @@ def test_eval_says_when_it_cannot_write_its_output(tiny_path, tmp_path):
 
 
 def test_summary_averages_every_scorer():
-    scorers = ["accuracy", "accuracy_medr1_think", "accuracy_medr1_raw", "accuracy_medr1_reward"]
+    scorers = ["accuracy", "accuracy_medr1_think", "accuracy_medr1_raw", "accuracy_medr1_reward",
+               "accuracy_medevalkit"]
     # Never averaged: no closed or open question.
     choice = {"answer_type": "choice", "closed_accuracy": 9.0, "exact_match": 9.0,
               "token_recall": 9.0, "token_f1": 9.0}
-    results = [{**dict(zip(scorers, [1.0, 0.0, 0.0, 0.0])), **choice, "answer": "B",
+    results = [{**dict(zip(scorers, [1.0, 0.0, 0.0, 0.0, 1.0])), **choice, "answer": "B",
                 "rationale_chars": 10},
-               {**dict(zip(scorers, [0.0, 0.0, 1.0, 0.0])), **choice, "answer": None,
+               {**dict(zip(scorers, [0.0, 0.0, 1.0, 0.0, 1.0])), **choice, "answer": None,
                 "rationale_chars": 0},
-               {**dict(zip(scorers, [1.0, 1.0, 0.0, 1.0])), **choice, "answer": "A",
+               {**dict(zip(scorers, [1.0, 1.0, 0.0, 1.0, 1.0])), **choice, "answer": "A",
                 "rationale_chars": 20},
-               {**dict(zip(scorers, [0.0, 0.0, 0.0, 0.0])), **choice, "answer": "C",
+               {**dict(zip(scorers, [0.0, 0.0, 0.0, 0.0, 0.0])), **choice, "answer": "C",
                 "rationale_chars": 30}]
     summary = evaluation.summarize(results)
     # parse_failures: the share of answers that could not be read (None).
     assert summary == {"accuracy": 0.5, "accuracy_medr1_think": 0.25, "accuracy_medr1_raw": 0.25,
-                       "accuracy_medr1_reward": 0.25, "parse_failures": 0.25,
-                       "rationale_chars": 15.0, "questions": 4, "closed_questions": 0,
-                       "open_questions": 0, "closed_accuracy": None, "open_exact_match": None,
-                       "open_token_recall": None, "open_token_f1": None}
+                       "accuracy_medr1_reward": 0.25, "accuracy_medevalkit": 0.75,
+                       "parse_failures": 0.25, "rationale_chars": 15.0, "questions": 4,
+                       "closed_questions": 0, "open_questions": 0, "closed_accuracy": None,
+                       "open_exact_match": None, "open_token_recall": None,
+                       "open_token_f1": None}
 
 
 def test_summary_scores_closed_and_open_questions_apart():
     def result(kind, accuracy, closed, exact, recall, f1):
         return {"answer_type": kind, "accuracy": accuracy, "accuracy_medr1_think": 0.0,
                 "accuracy_medr1_raw": 0.0, "accuracy_medr1_reward": 0.0,
-                "closed_accuracy": closed, "exact_match": exact,
+                "accuracy_medevalkit": 0.0, "closed_accuracy": closed, "exact_match": exact,
                 "token_recall": recall, "token_f1": f1, "answer": "x", "rationale_chars": 0}
     results = [result("choice", 1.0, 1.0, 1.0, 1.0, 1.0), result("closed", 1.0, 1.0, 0.0, 0.0, 0.0),
                result("closed", 0.0, 0.0, 0.0, 0.0, 0.0), result("closed", 1.0, 1.0, 1.0, 1.0, 1.0),

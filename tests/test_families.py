@@ -110,7 +110,7 @@ def test_freeze_projector_freezes_every_merger(tiny, tmp_path, name, single_proc
     folder = tmp_path / FAMILIES[name].folder_name
     write_model_folder(folder, name, random_model(name, processor.tokenizer), processor.tokenizer)
     cfg = train.resolve(train.Config(model=str(folder), freeze_projector=True, beta=0.0), world=1)
-    policy, _ = train.load_models(cfg, str(folder), torch.device("cpu"))
+    policy, _ = modellib.load_models(cfg, str(folder), torch.device("cpu"))
     visual = policy.model.visual
     mergers = [n for n, m in visual.named_modules() if type(m).__name__.endswith("PatchMerger")]
     assert len(mergers) == 1 + len(getattr(visual.config, "deepstack_visual_indexes", []))

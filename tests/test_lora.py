@@ -37,7 +37,7 @@ def test_the_reference_is_the_policy_with_adapters_off(tiny_path, tiny, completi
                                                        single_process_group):
     base, processor = tiny
     cfg = train.resolve(train.Config(lora_rank=4, beta=0.04), world=1)
-    policy, reference = train.load_models(cfg, tiny_path, torch.device("cpu"))
+    policy, reference = modellib.load_models(cfg, tiny_path, torch.device("cpu"))
     assert reference is policy  # no second copy
     assert all(".lora_" in name for name, p in policy.named_parameters() if p.requires_grad)
     with torch.no_grad():  # adapters that change the model, as after training

@@ -364,6 +364,8 @@ def test_every_reward_scores_open_questions():
         # Med-R1's scorers compare the gold text as a string: the training reward matches,
         # its think evaluation wants one word in the tag, its raw evaluation the bare text.
         "accuracy_medr1_reward": 1, "accuracy_medr1_think": 0, "accuracy_medr1_raw": 0,
+        # MedEvalKit's reads the tag's content and, without its LLM judge, wants the gold.
+        "accuracy_medevalkit": 1,
     }
     assert dict(zip(REWARDS, row)) == expected
 

@@ -273,7 +273,7 @@ def test_mask_truncated_gives_cut_rows_no_loss(step_inputs, monkeypatch):
 
 def bf16_models(tiny_path):
     """The policy and reference train.py loads for --dtype bf16."""
-    return train.load_models(train.Config(dtype="bf16"), str(tiny_path), torch.device("cpu"))
+    return modellib.load_models(train.Config(dtype="bf16"), str(tiny_path), torch.device("cpu"))
 
 
 def test_bf16_training_keeps_the_reference_in_bf16(tiny_path, single_process_group):
@@ -304,9 +304,9 @@ def test_beta_zero_loads_no_reference_model(tiny_path, monkeypatch, single_proce
 
     monkeypatch.setattr(modellib, "load_model", counted_load_model)
     cpu = torch.device("cpu")
-    policy, reference = train.load_models(train.Config(beta=0.0), str(tiny_path), cpu)
+    policy, reference = modellib.load_models(train.Config(beta=0.0), str(tiny_path), cpu)
     assert reference is None and len(loaded) == 1
-    policy, reference = train.load_models(train.Config(beta=0.04), str(tiny_path), cpu)
+    policy, reference = modellib.load_models(train.Config(beta=0.04), str(tiny_path), cpu)
     assert reference is not None and len(loaded) == 3
     assert not any(p.requires_grad for p in reference.parameters())
 
