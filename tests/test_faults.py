@@ -27,8 +27,11 @@ from conftest import REPO
 from helpers import SMALL, metrics, run, run_fail
 
 
-@pytest.mark.parametrize("switches", [[], ["--ref_sync_every", "2"], ["--lora_rank", "4"]],
-                         ids=["frozen-ref", "refreshed-ref", "lora"])
+@pytest.mark.parametrize("switches", [
+    [], ["--ref_sync_every", "2"], ["--lora_rank", "4"],
+    ["--importance_sampling_level", "sequence", "--entropy_coef", "0.01", "--top_entropy_quantile",
+     "0.5", "--scale_rewards", "gdpo", "--overlong_buffer", "4", "--kl_estimator", "k1"]],
+    ids=["frozen-ref", "refreshed-ref", "lora", "gspo-and-friends"])
 def test_a_resumed_run_equals_one_trained_straight(tiny_path, tmp_path, switches):
     args = ["train.py", "--steps", "6", "--save_every", "3", *SMALL, *switches]
     run([*args, "--output_dir", str(tmp_path / "straight")])

@@ -320,3 +320,34 @@ def test_sharing_the_prompt_changes_nothing(any_model, mixed_samples, single_pro
         # Rounding differs in the summation order: allowed up to 1e-5 of the gradient's own scale.
         torch.testing.assert_close(param.grad.full_tensor(), reference.grad, rtol=1e-4,
                                    atol=1e-5 * reference.grad.abs().max().item(), msg=name)
+
+
+def test_training_entropy_equals_the_samplers_and_shares_the_prompt(tiny, mixed_samples,
+                                                                     single_process_group):
+    """The entropy bonus's H (grpo.py, equation (5)): the training forward's equals the
+    sampler's, computed token by token from the decoder's own logits (fp32, temperature 0.7),
+    and with the prompt encoded once its values and gradients equal those of each completion
+    run with its own copy of the prompt."""
+    model, processor = tiny
+    oracle = copy.deepcopy(model)
+    batch = encode(processor, mixed_samples, SIZES["different"])
+    end_ids = sampler.end_token_ids(model, processor.tokenizer)
+    rollout = sampler.sample(model, batch, 3, sampler.Decoding(12, 0.7, end_ids=end_ids),
+                             generator=torch.Generator().manual_seed(0))
+    mask = rollout.completion_mask
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
+    _, expected = modellib.token_logprobs(oracle, repeat_prompts(batch, 3), rollout.completion_ids,
+                                          mask, 0.7, with_entropy=True)
+    (expected * weights * mask).sum().backward()
+    modellib.shard(model, bf16=False)
+    logprobs, entropy = modellib.token_logprobs(model, batch, rollout.completion_ids, mask, 0.7,
+                                                group_size=3, with_entropy=True)
+    (entropy * weights * mask).sum().backward()
+    real = mask.bool()
+    torch.testing.assert_close(logprobs[real], rollout.logprobs[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[real], rollout.entropy[real], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy[real], expected[real], rtol=0, atol=1e-5)
+    assert entropy[real].max() > 0.5  # some tokens are far from certain
+    for (name, param), (_, reference) in zip(model.named_parameters(), oracle.named_parameters()):
+        torch.testing.assert_close(param.grad.full_tensor(), reference.grad, rtol=1e-4,
+                                   atol=1e-5 * reference.grad.abs().max().item(), msg=name)

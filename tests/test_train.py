@@ -25,10 +25,16 @@ from helpers import SMALL, metrics, run
 SWITCHES = ["--loss_type", "dapo", "--scale_rewards", "batch", "--num_iterations", "2",
             "--minibatches", "2", "--filter_zero_std", "true", "--mask_truncated", "true",
             "--ref_sync_every", "2", "--grad_checkpointing", "true"]
+# The 2026 switches (grpo.py's equations (1), (2), (4), (5) and (9)) on two minibatches.
+SWITCHES_2026 = ["--importance_sampling_level", "sequence", "--eps_low", "3e-4", "--eps_high",
+                 "4e-4", "--kl_estimator", "k2", "--entropy_coef", "0.01",
+                 "--top_entropy_quantile", "0.5", "--scale_rewards", "gdpo", "--reward_weights",
+                 "0.5,2", "--overlong_buffer", "4", "--minibatches", "2", "--num_iterations", "2"]
 
 
-@pytest.mark.parametrize("switches", [[], SWITCHES, ["--lora_rank", "4", "--num_iterations", "2"]],
-                         ids=["medr1", "dapo-and-friends", "lora"])
+@pytest.mark.parametrize("switches", [[], SWITCHES, SWITCHES_2026,
+                                      ["--lora_rank", "4", "--num_iterations", "2"]],
+                         ids=["medr1", "dapo-and-friends", "gspo-and-friends", "lora"])
 def test_two_processes_train_like_one(tiny_path, tmp_path, switches):
     """Same prompts, same samples, same losses and weights: FSDP2 over gloo changes nothing."""
     # lr 1e-4: Adam turns rounding noise in near-zero gradients into steps of up to
@@ -431,11 +437,12 @@ def test_wandb_offline_run_holds_every_logged_number(tiny_path, tmp_path):
     assert json.loads(table.read_text())["data"] == logged_rows
 
 
-def test_bf16_recomputes_the_samplers_old_logprobs(tiny, modality_split, single_process_group,
-                                                   monkeypatch):
+def test_off_policy_updates_recompute_the_samplers_old_logprobs(
+        tiny, modality_split, single_process_group, monkeypatch):
     """A bf16 sampler rounds otherwise than the training forward (other batch shapes, cache
     length, kernels), which the first update's ratio would read as a policy change. Here the
-    sampler's log-probs are 0.05 off: with --dtype bf16 they are recomputed, ratio exactly 1."""
+    sampler's log-probs are 0.05 off: before several updates they are recomputed, in any
+    dtype, so the first update's ratio is exactly 1."""
     model, processor = tiny
     modellib.shard(model, bf16=True)
     prompts = data.collate(modality_split[0][:2], processor, "think-after")
@@ -454,11 +461,27 @@ def test_bf16_recomputes_the_samplers_old_logprobs(tiny, modality_split, single_
 
     monkeypatch.setattr(grpo, "policy_loss", policy_loss_noting_departures)
     rewards = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1], dtype=torch.float32).unsqueeze(1)  # (8, 1)
-    for dtype in ("fp32", "bf16"):  # two updates each
-        cfg = train.Config(num_generations=4, beta=0.0, num_iterations=2, dtype=dtype)
-        train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout, rewards)
-    fp32_first, _, bf16_first, bf16_second = departures
-    # The fp32 setting takes the sampler's log-probs: its first update sees them 0.05 off.
-    assert fp32_first == pytest.approx(0.05, abs=1e-3)
-    # The bf16 setting recomputes them, on the policy as it is then: ratio 1, then a departure.
-    assert bf16_first == 0 and bf16_second > 0
+    cfg = train.Config(num_generations=4, beta=0.0, num_iterations=2, dtype="bf16")
+    metrics = train.update_policy(cfg, model, None, optimizer, schedule, prompts, rollout, rewards)
+    # Recomputed on the policy as it is then: ratio 1, then a departure. The gap is logged.
+    assert departures[0] == 0 and departures[1] > 0
+    assert metrics["logprob_gap_max"] == pytest.approx(0.05, abs=0.02)
+
+
+def test_the_samplers_gap_is_zero_in_fp32(step_inputs):
+    metrics = grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1])
+    assert metrics["logprob_gap"] < 1e-5 and metrics["logprob_gap_max"] < 1e-5
+    assert metrics["gap_clip_frac"] == 0
+
+
+@pytest.mark.parametrize("updates", [{}, {"num_iterations": 2, "minibatches": 2}],
+                         ids=["on-policy", "off-policy"])
+def test_an_offset_in_the_samplers_logprobs_shows_in_the_gap(step_inputs, updates):
+    """Sampler log-probs 0.3 too high: the training forward's are 0.3 lower, a ratio of
+    e^-0.3 = 0.74, below the clip range's 0.8 on every token, whichever forward measures it."""
+    rollout = step_inputs[-1]
+    rollout.logprobs += 0.3 * rollout.completion_mask
+    metrics = grpo_step(step_inputs, [0, 1, 0, 1, 1, 0, 0, 1], **updates)
+    assert metrics["logprob_gap"] == pytest.approx(0.3, abs=1e-5)
+    assert metrics["logprob_gap_max"] == pytest.approx(0.3, abs=1e-5)
+    assert metrics["gap_clip_frac"] == 1.0
