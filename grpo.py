@@ -15,10 +15,11 @@ policy pi_old and score each with rule rewards r_{i,1..K} (rewards.py). Then:
         Z_i = sum_k w_k (r_{i,k} - mean_g(r_k)) / (std_g(r_k) + 1e-4),
         A_i = Z_i / (std(Z over the batch) + 1e-4)
     Z's batch mean is already 0 (each group's centred values sum to 0), so
-    unlike TRL we do not subtract it: a group whose rewards are all equal then
-    keeps A_i = 0 exactly. Every token of o_i gets the same A_i. A group whose
-    rewards are all equal has A_i = 0 for every i, so it moves no weight
-    through the policy term.
+    unlike TRL we do not subtract it: a group whose rewards are all equal keeps
+    A_i = 0, not minus the mean's rounding. verl's GDPO differs more: 1e-6 in
+    place of 1e-4, and a token-weighted batch mean and variance.
+    Every token of o_i gets the same A_i. A group whose rewards are all equal
+    has A_i = 0 for every i, so it moves no weight through the policy term.
 
 (2) Probability ratio per token t of completion i:
         rho_{i,t} = pi(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
@@ -37,6 +38,8 @@ policy pi_old and score each with rule rewards r_{i,1..K} (rewards.py). Then:
 (3) Clipped surrogate (Schulman et al. 2017, PPO), with DAPO's asymmetric
     range (Yu et al. 2025, "clip-higher"):
         S_{i,t} = min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i)
+    verl also clamps log rho to [-20, 20] and, by default, bounds -S at 3 |A_i|
+    when A_i < 0 ("dual clip"); we do neither.
 
 (4) KL to the frozen reference pi_ref, per token, with log r = ref_logp - logp
     (r = pi_ref / pi; Schulman 2020, "Approximating KL divergence"):
@@ -56,7 +59,8 @@ policy pi_old and score each with rule rewards r_{i,1..K} (rewards.py). Then:
     `--top_entropy_quantile rho` < 1 only the share rho of tokens with the
     highest entropy keep the policy and entropy terms (Wang et al. 2025,
     "Beyond the 80/20 rule"; TRL's top_entropy_quantile), M_{i,t} = 1 where
-    H >= the (1 - rho) quantile; the KL acts on every token, as in TRL. The
+    H >= the (1 - rho) quantile; the KL acts on every token, as in TRL (whose
+    bonus is then a mean over the kept tokens, ours over all of them). The
     quantile is taken over the step's trained tokens on every rank, from the
     sampler's entropies (the training forward's, tested in fp32), so the mask
     is the same on any number of ranks and minibatches and for each of the
@@ -69,7 +73,9 @@ policy pi_old and score each with rule rewards r_{i,1..K} (rewards.py). Then:
       grpo    L = (1/N) sum_i (1/|o_i|) sum_t x_{i,t}
               each sequence's own mean, then the mean over sequences: Med-R1's
               (and the GRPO paper's) choice. A token of a short completion
-              weighs more than one of a long completion.
+              weighs more than one of a long completion. N counts the
+              sequences with a loss, as verl (which adds 1e-8 to |o_i|); TRL
+              and EasyR1 divide by every row, masked or not.
       dapo    L = (1 / sum_i |o_i|) sum_{i,t} x_{i,t}
               every token weighs the same (Yu et al. 2025, DAPO, eq. 8).
       dr_grpo L = (1 / (N * T_max)) sum_{i,t} x_{i,t}

@@ -17,9 +17,8 @@ and token_f1 give open answers partial credit.
 Med-R1's released scorers (accuracy_medr1_*) and MedEvalKit's
 (accuracy_medevalkit) are here too, as written, to give the numbers their papers report.
 
-To add a reward: write one function, add one line to REWARDS, add rows to the
-table in tests/test_rewards.py. To add a prompt mode: one entry in MODES. This
-file does not import torch.
+To add a reward: one function, one line in REWARDS, rows in tests/test_rewards.py's
+table. To add a prompt mode: one entry in MODES. This file does not import torch.
 """
 
 import re
@@ -265,12 +264,10 @@ def accuracy_medr1_raw(completion: str, sample: dict) -> float:
     return float(completion == sample["answer"])
 
 
-# MedEvalKit (github.com/alibaba-damo-academy/MedEvalKit), the harness Lingshu introduced for
-# its tables, restated from its utils/utils.py (parse_response, judge_multi_choice,
-# judge_judgement, judge_close_end_vqa, judge_open_end_vqa) and the cal_metrics of
-# utils/{OmniMedVQA,MedXpertQA,VQA_RAD,PATH_VQA,SLAKE}/*.py, as read in the forks
-# chenz53/MedEvalKit, mi-iro/MedEvalKit-master and blackkiring/MedEvalKit, which agree on them.
-# Its quirks are kept: the point is to give the numbers it gives.
+# MedEvalKit (github.com/alibaba-damo-academy/MedEvalKit), Lingshu's harness, restated from
+# its utils/utils.py (parse_response, judge_*) and utils/{OmniMedVQA,MedXpertQA,VQA_RAD,
+# PATH_VQA,SLAKE}/*.py as the forks chenz53/, mi-iro/ and blackkiring/MedEvalKit agree on
+# them. Its quirks are kept: the point is to give the numbers it gives.
 # The labels it reads an answer after, tried in this order; each cuts at its last occurrence.
 MEDEVALKIT_LABELS = ("**answer**:", "**answer**", "*answer*:", "**answer:**", "answer is",
                      "answer:", "答案:", "final answer", "final answer is")
@@ -291,8 +288,7 @@ def boxed_content(text: str) -> str | None:
 
 
 def answer_tags_or_text(text: str) -> str:
-    """The contents of every <answer> tag joined by spaces, stripped; the whole text if that
-    is empty (MedEvalKit's extract(text, "answer"))."""
+    """Every <answer> tag's content, joined by spaces and stripped, or else the whole text."""
     return " ".join(ANSWER_TAG.findall(text)).strip() or text
 
 
@@ -313,8 +309,7 @@ def medevalkit_parse(text: str) -> str:
 
 
 def medevalkit_reply(completion: str) -> str:
-    """What MedEvalKit's VQA-RAD, PathVQA and SLAKE scoring passes on: the last closed
-    \\boxed{}, else the <answer> tags' contents, else the whole completion."""
+    """What MedEvalKit's VQA-RAD, PathVQA, SLAKE scoring reads: the last \\boxed{}, else tags."""
     boxed = boxed_content(completion)
     return answer_tags_or_text(completion) if boxed is None else boxed
 
@@ -333,15 +328,12 @@ def medevalkit_choice(completion: str, sample: dict) -> float:
     elif paragraphs[-1].split(".")[0] in letters:
         reply = paragraphs[-1].split(".")[0]
     # 2) The parsed reply up to its first full stop, after its last colon, must be a letter.
-    # (It also accepts a reply equal to an option's whole text, which that never is: every
-    # option holds the full stop of "A. ".)
     reply = medevalkit_parse(reply).strip().lower().replace("\n", "")
     head = reply.split(".")[0].split(":")[-1]
     if head in letters:
         return float(head == sample["answer"].lower())
-    # 3) Anything else, an empty reply too, is read as the first of the options most similar
-    # to it, in difflib's argument order (option, reply): its ratio is not symmetric on long
-    # replies (autojunk).
+    # 3) Else (an empty reply too) the first option most similar to it, in difflib's argument
+    # order (option, reply): the ratio is not symmetric on long replies (autojunk).
     similarity = [SequenceMatcher(None, option, reply).ratio() for option in options]
     return float(letters[similarity.index(max(similarity))] == sample["answer"].lower())
 
@@ -365,13 +357,10 @@ def medevalkit_open(completion: str, sample: dict) -> float:
     return float(reply == sample["answer"].lower().strip())
 
 
-MEDEVALKIT_BY_TYPE = {"choice": medevalkit_choice, "closed": medevalkit_closed,
-                      "open": medevalkit_open}
-
-
 def accuracy_medevalkit(completion: str, sample: dict) -> float:
     """MedEvalKit's rule for the sample's answer type (choice, closed or open)."""
-    return MEDEVALKIT_BY_TYPE[answer_type(sample)](completion, sample)
+    rule = {"choice": medevalkit_choice, "closed": medevalkit_closed, "open": medevalkit_open}
+    return rule[answer_type(sample)](completion, sample)
 
 
 REWARDS = {
@@ -389,9 +378,8 @@ REWARDS = {
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int, factor: float = 1.0) -> float:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a reward term on the completion's
-    length in tokens: 0 up to max_length - buffer, then down linearly to -factor at max_length
-    (and beyond). It reads a length, not text, so it is not one of REWARDS."""
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; a length, so not in REWARDS):
+    0 up to max_length - buffer tokens, then linearly down to -factor at max_length and beyond."""
     exceed = length - (max_length - buffer)
     return min(0.0, -factor * min(exceed / buffer, 1.0))
 
