@@ -66,13 +66,13 @@ class Config:
     scale_rewards: Literal["group", "batch", "none", "gdpo"] = "group"  # gdpo: each reward's
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
     entropy_coef: float = 0.0  # weight of the entropy bonus
-    top_entropy_quantile: float = 1.0  # share of tokens, highest entropy first, that train
+    top_entropy_quantile: float = 1.0  # the policy term's share of tokens, highest entropy first
     num_iterations: int = 1  # mu: policy updates per rollout; > 1 makes the ratio depart from 1
     minibatches: int = 1  # each rollout is split into this many optimizer steps, per iteration
     filter_zero_std: bool = False  # drop groups whose rewards are all equal from the update
     mask_truncated: bool = False  # no loss on completions that hit max_new_tokens unfinished
-    overlong_buffer: int = 0  # DAPO: over the last N tokens the reward falls linearly ...
-    overlong_penalty: float = 1.0  # ... by this much at max_new_tokens (0 tokens: off)
+    overlong_buffer: int = 0  # DAPO: the reward falls over the last N tokens (0: off) ...
+    overlong_penalty: float = 1.0  # ... linearly, by this much at max_new_tokens
     ref_sync_every: int = 0  # every N steps ref = a * policy + (1 - a) * ref (0: frozen)
     ref_sync_alpha: float = 0.6  # a above
     temperature: float = 1.0  # sampling temperature; log-probs are computed at the same one
