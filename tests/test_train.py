@@ -124,10 +124,23 @@ def test_help_shows_each_fields_comment(capsys):
     ("rewards", "format,acuracy", "names from"), ("modalities", "CT,MRl", "names from"),
     ("modalities", "CT, MRI", "no spaces"), ("question_types", "Diagnosis", "names from"),
     ("ref_sync_alpha", 0.0, "in \\(0, 1\\]"), ("ref_sync_every", -2, "at least 0"),
+    ("reward_weights", "1,x", "comma-separated numbers"), ("reward_weights", "1,nan", "numbers"),
+    ("top_entropy_quantile", 0.0, "in \\(0, 1\\]"), ("entropy_coef", -0.1, "at least 0"),
+    ("kl_estimator", "k4", "one of"), ("importance_sampling_level", "seq", "one of"),
+    ("scale_rewards", "gpdo", "one of"), ("overlong_buffer", -1, "at least 0"),
 ])
 def test_a_flag_out_of_range_is_refused_by_name(flag, value, message):
     with pytest.raises(SystemExit, match=f"--{flag} {value!r}: must be .*{message}"):
         train.resolve(train.Config(**{flag: value}), world=1)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"reward_weights": "1,2,3"}, "one weight per reward in --rewards format,accuracy"),
+    ({"overlong_buffer": 32}, "--overlong_buffer 32 must be below --max_new_tokens"),
+])
+def test_switches_that_disagree_with_another_flag_are_refused(changes, message):
+    with pytest.raises(SystemExit, match=message):
+        train.resolve(train.Config(**changes), world=1)
 
 
 def test_reference_refresh_without_a_reference_is_refused():
