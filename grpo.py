@@ -145,6 +145,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return centered.view(-1)  # (N,)
 
 
+# How advantages are scaled: by the group's std, the batch's, not at all, or GDPO's.
+SCALES = ("group", "batch", "none", "gdpo")
+
+
 def weighted_advantages(reward_table: torch.Tensor, weights: torch.Tensor, group_size: int,
                         scale: str = "group") -> torch.Tensor:
     """Equation (1) for several rewards: reward_table (N, R) and weights (R,) -> advantages (N,);

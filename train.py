@@ -63,7 +63,7 @@ class Config:
     eps_low: float = 0.2  # clip range below 1 for the probability ratio
     eps_high: float = 0.2  # clip range above 1 (DAPO's clip-higher uses 0.28)
     loss_type: Literal[grpo.LOSS_TYPES] = "grpo"  # sequence, token mean, constant
-    scale_rewards: Literal["group", "batch", "none", "gdpo"] = "group"  # gdpo: each reward's
+    scale_rewards: Literal[grpo.SCALES] = "group"  # advantages / whose std; gdpo: per reward first
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO's ratio
     entropy_coef: float = 0.0  # weight of the entropy bonus
     top_entropy_quantile: float = 1.0  # the policy term's share of tokens, highest entropy first
