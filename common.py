@@ -62,7 +62,7 @@ def is_number_list(text: str) -> bool:
         return False
 
 
-NUMBERS = (is_number_list, "comma-separated numbers, no spaces")
+NUMBERS = (is_number_list, "comma-separated numbers")
 
 
 def names_in(known) -> tuple:
